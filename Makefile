@@ -15,7 +15,7 @@ lint: venv
 	$(VENV)/bin/mypy
 
 run: venv
-	$(VENV)/bin/kvmtagd -v
+	$(VENV)/bin/python clients/model_example.py
 
 # Only calls apt-get when a package is missing, so a warm machine needs neither root nor network.
 deps:
