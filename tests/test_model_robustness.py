@@ -12,7 +12,7 @@ from kvmtag import Host, SimulatedFile, SimulatedProcess, Vcpu, Vm, uapi
 
 PAGE = 4096
 GPA = 0x4000_0000
-REQUESTS = sorted(uapi.IOCTLS) + [0, 0xAEFF, 0xC008AEFF, 0xFFFFFFFF]
+REQUESTS = [*sorted(uapi.IOCTLS), 0, 0xAEFF, 0xC008AEFF, 0xFFFFFFFF]
 
 
 def world() -> tuple[SimulatedProcess, object, Vm, Vcpu]:
@@ -59,7 +59,7 @@ def test_concurrent_copies_and_memslot_changes() -> None:
                 results.append(
                     vm.mte_copy_tags(proc, GPA, 16 * PAGE, src if not flags else dst, flags)
                 )
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+        except BaseException as e:  # reported by the main thread
             errors.append(e)
 
     def slot_flipper() -> None:
@@ -67,7 +67,7 @@ def test_concurrent_copies_and_memslot_changes() -> None:
             for _ in range(200):
                 vm.set_user_memory_region(proc, 0, 0, GPA, 0, ram)
                 vm.set_user_memory_region(proc, 0, 0, GPA, 16 * PAGE, ram)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=copier, args=(f,)) for f in (0, 1, 0, 1)]

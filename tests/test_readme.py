@@ -15,7 +15,7 @@ def test_readme_example_runs() -> None:
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert blocks, "the README has no Python example"
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - our own documentation
+        exec(compile(block, "README.md", "exec"), {})  # our own documentation
 
 
 def test_model_example_script() -> None:
