@@ -146,24 +146,29 @@ STRUCTS: dict[str, cs.Struct] = {
 }
 
 
-def _format_of(declaration: cs.Struct) -> str:
-    """The `struct` module format of a flat construct declaration (ints, int arrays, bytes)."""
-    codes = {cs.Int32ul: "I", cs.Int64ul: "Q"}
-    out = "<"
+_CODES = {
+    cs.Int16ul: "H", cs.Int32ul: "I", cs.Int64ul: "Q", cs.Int32sl: "i", cs.Int64sl: "q",
+}
+
+
+def compiled(declaration: cs.Struct) -> struct.Struct:
+    """The precompiled `struct.Struct` of a flat construct declaration (ints, int arrays,
+    fixed bytes), for hot paths: same layout, far faster than parsing with construct."""
+    fmt = "<"
     for sub in declaration.subcons:
         field = sub.subcon
         if isinstance(field, cs.Array):
-            out += f"{field.count}{codes[field.subcon]}"
+            fmt += f"{field.count}{_CODES[field.subcon]}"
         elif isinstance(field, cs.Bytes):
-            out += f"{field.length}s"
+            fmt += f"{field.length}s"
         else:
-            out += codes[field]
-    return out
+            fmt += _CODES[field]
+    layout = struct.Struct(fmt)
+    assert layout.size == declaration.sizeof(), f"{declaration} is not flat"
+    return layout
 
 
-LAYOUT: dict[str, struct.Struct] = {
-    name: struct.Struct(_format_of(decl)) for name, decl in STRUCTS.items()
-}
+LAYOUT: dict[str, struct.Struct] = {name: compiled(decl) for name, decl in STRUCTS.items()}
 
 # --- the explicit ioctl table --------------------------------------------------------------------
 

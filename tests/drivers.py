@@ -3,8 +3,11 @@ run unchanged in process, through the client and daemon, and under every profile
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import itertools
+import mmap
 import os
 from typing import Protocol
 
@@ -39,6 +42,9 @@ class Driver(Protocol):
         """Map guest RAM of a MEMORY_KINDS kind; `file` maps an object from `new_file` again."""
 
     def new_file(self, size: int, kind: str = "memfd") -> object: ...
+
+    def mmap_with_hole(self, size: int, mapped: int, kind: str = "memfd") -> int:
+        """An address range of `size` bytes of which only the first `mapped` are mapped."""
 
     def buffer(self, data: bytes | int) -> int:
         """Read-write user memory holding data (or that many zero bytes)."""
@@ -117,6 +123,13 @@ class InProcessDriver:
             size, file=file, shared=not kind.endswith("-private"), align=self.page_size
         )
 
+    def mmap_with_hole(self, size: int, mapped: int, kind: str = "memfd") -> int:
+        if not mapped:
+            return self.process.hole(size)
+        addr = self.mmap(mapped, kind)
+        self.process.hole(size)  # nothing is ever mapped after a mapping's end here
+        return addr
+
     def buffer(self, data: bytes | int) -> int:
         return self.process.alloc(data)
 
@@ -144,3 +157,130 @@ class InProcessDriver:
         fd = next(self._fds)
         self._files[fd] = target
         return fd
+
+
+# --- through the client and a real kvmtagd ----------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_PROT_NONE = 0
+
+
+class ClientDriver:
+    """A real VMM: this process's memory, kvmtag.client, and a kvmtagd on `socket_path`."""
+
+    unsupported = frozenset({"hugetlbfs", "device"})  # need a mount / a device driver
+
+    def __init__(self, socket_path: str, file_dir: str) -> None:
+        from kvmtag import client
+
+        self.client = client
+        self.socket_path = socket_path
+        self.file_dir = file_dir  # a disk filesystem (not tmpfs) for "file" mappings
+        self._keep: list[object] = []  # mappings and fds live as long as the driver
+        self._fds: list[int] = []
+        fd = self.open()
+        self.page_size = client.info(fd).page_size
+
+    def open(self) -> int:
+        fd = self.client.open("/dev/kvm", socket=self.socket_path)
+        self._fds.append(fd)
+        return fd
+
+    def ioctl(self, fd: int, request: int, arg: int | bytes = 0) -> tuple[int, bytes]:
+        if isinstance(arg, bytes):
+            buf = bytearray(arg)
+            result = self.client.ioctl(fd, request, buf)
+            out = bytes(buf)
+        else:
+            result, out = self.client.ioctl(fd, request, arg), b""
+        if request in (0xAE01, 0xAE41):
+            self._fds.append(result)
+        return result, out
+
+    def close(self, fd: int) -> None:
+        self.client.close(fd)
+
+    def finish(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                self.client.close(fd)
+        for obj in self._keep:
+            if isinstance(obj, int):
+                os.close(obj)
+
+    def _map(self, size: int, fd: int = -1, flags: int = mmap.MAP_SHARED) -> int:
+        # Over-allocate so the address can be aligned to the emulated page size.
+        extra = self.page_size if self.page_size > mmap.PAGESIZE and fd == -1 else 0
+        m = mmap.mmap(fd, size + extra, flags)
+        self._keep.append(m)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        return -(-addr // self.page_size) * self.page_size if extra else addr
+
+    def new_file(self, size: int, kind: str = "memfd") -> int:
+        if kind.startswith("file"):
+            fd = os.open(self.file_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC)
+        else:
+            fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        self._keep.append(fd)
+        return fd
+
+    def mmap(self, size: int, kind: str = "memfd", file: object | None = None) -> int:
+        if kind in self.unsupported:
+            raise ValueError(f"{kind} memory cannot be had here")
+        if kind in ("anon", "anon-readonly"):
+            addr = self._map(size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            if kind == "anon-readonly":
+                self._protect(addr, size, mmap.PROT_READ)
+            return addr
+        if kind == "anon-shared":
+            return self._map(size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        fd = file if isinstance(file, int) else self.new_file(size, kind)
+        private = kind.endswith("-private")
+        # File mappings are aligned by the kernel to 4 KiB only: check the emulated page size.
+        addr = self._map(size, fd, mmap.MAP_PRIVATE if private else mmap.MAP_SHARED)
+        assert addr % self.page_size == 0 or self.page_size == mmap.PAGESIZE
+        return addr
+
+    def mmap_with_hole(self, size: int, mapped: int, kind: str = "memfd") -> int:
+        addr = self.mmap(size, kind)
+        if _libc.munmap(addr + mapped, size - mapped) != 0:
+            raise OSError(ctypes.get_errno(), "munmap")
+        return addr
+
+    def buffer(self, data: bytes | int) -> int:
+        size = data if isinstance(data, int) else len(data)
+        addr = self._map(max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if not isinstance(data, int):
+            ctypes.memmove(addr, data, len(data))
+        return addr
+
+    def edge(self, data: bytes) -> int:
+        span = -(-max(len(data), 1) // mmap.PAGESIZE) * mmap.PAGESIZE
+        addr = self._map(span + mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._protect(addr + span, mmap.PAGESIZE, _PROT_NONE)
+        start = addr + span - len(data)
+        ctypes.memmove(start, data, len(data))
+        return start
+
+    def readonly(self, data: bytes) -> int:
+        addr = self.buffer(data)
+        self._protect(addr, max(len(data), 1), mmap.PROT_READ)
+        return addr
+
+    def unmapped(self) -> int:
+        addr = self._map(mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._protect(addr, mmap.PAGESIZE, _PROT_NONE)
+        return addr
+
+    def read(self, addr: int, size: int) -> bytes:
+        return ctypes.string_at(addr, size)
+
+    @staticmethod
+    def _protect(addr: int, size: int, prot: int) -> None:
+        start = addr - addr % mmap.PAGESIZE
+        length = -(-(addr + size - start) // mmap.PAGESIZE) * mmap.PAGESIZE
+        if _libc.mprotect(start, length, prot) != 0:
+            raise OSError(ctypes.get_errno(), "mprotect")

@@ -79,7 +79,10 @@ def build(driver: Driver, spec: VmSpec) -> World:
     page = driver.page_size
     for s in spec.slots:
         mapped = s.pages if s.mapped_pages is None else s.mapped_pages
-        uaddr = driver.mmap(mapped * page, s.kind) if mapped else driver.unmapped()
+        if mapped == s.pages:
+            uaddr = driver.mmap(s.pages * page, s.kind)
+        else:  # only the first pages mapped: the rest of the range is a hole
+            uaddr = driver.mmap_with_hole(s.pages * page, mapped * page, s.kind)
         world.uaddr[s.id] = uaddr
         driver.ioctl(
             world.vm, uapi.KVM_SET_USER_MEMORY_REGION,
@@ -148,7 +151,7 @@ class SetRegion:
         if self.uaddr == "new":
             uaddr = w.driver.mmap(max(self.pages, 1) * page, self.kind)
         elif self.uaddr == "unmapped":
-            uaddr = w.driver.unmapped()
+            uaddr = w.driver.mmap_with_hole(max(self.pages, 1) * page, 0, "anon")
         else:
             uaddr = w.uaddr[int(self.uaddr.removeprefix("slot"))]
         gpa = self.gfn * page if self.raw_gpa is None else self.raw_gpa

@@ -1,0 +1,115 @@
+"""The caller's memory, reached over the connection: the daemon's `UserMemory`.
+
+For one ioctl request, copy_from_user / copy_to_user / find_vmas become READ, WRITE and VMAS
+callbacks that the client answers from its own memory, in windows of at most `wire.WINDOW`
+bytes. A struct the client passed as a buffer travels inline with the request and is served
+from here; the model reaches it at INLINE_ADDR, an address no user pointer can have (the top
+page of the address space, kernel space on arm64).
+
+The model runs on a worker thread; each callback hops back onto the event loop with
+trio.from_thread.run for its round trip, so a large copy never blocks other connections.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+
+import trio
+
+from kvmtag import wire
+from kvmtag.usermem import Buffer, Vma
+
+log = logging.getLogger("kvmtag.daemon")
+
+INLINE_ADDR = 2**64 - 4096
+Roundtrip = Callable[[wire.Event], Awaitable[wire.Event]]
+
+
+class RemoteMemory:
+    """`UserMemory` for one request of one connection."""
+
+    def __init__(
+        self,
+        request: wire.Ioctl,
+        process: Hashable,
+        roundtrip: Roundtrip | None,
+        adopt_vmas: Callable[[list[Vma]], list[Vma]],
+        window: int = wire.WINDOW,
+    ) -> None:
+        self._req = request
+        self._process = process
+        self._roundtrip = roundtrip  # None: no callbacks (the request runs on the event loop)
+        self._adopt = adopt_vmas
+        self._window = window
+        self.inline = bytearray(request.inline) if request.inline is not None else None
+        self.written_back = False
+
+    @property
+    def process(self) -> Hashable:
+        return self._process
+
+    def _in_inline(self, addr: int) -> bool:
+        return self.inline is not None and INLINE_ADDR <= addr < INLINE_ADDR + len(self.inline)
+
+    def copy_from_user(self, addr: int, size: int) -> Buffer:
+        if size <= 0:
+            return b""
+        if self._in_inline(addr):
+            assert self.inline is not None
+            at = addr - INLINE_ADDR
+            return bytes(self.inline[at : at + size])
+        out = bytearray()
+        while len(out) < size:
+            n = min(self._window, size - len(out))
+            got = self._call(wire.Read(self._req.id, addr + len(out), n))
+            if got is None:
+                break
+            if not isinstance(got, wire.ReadData) or len(got.data) > n:
+                raise wire.RemoteProtocolError(f"READ answered with {got!r:.80}")
+            out += got.data
+            if len(got.data) < n:
+                break
+        return out
+
+    def copy_to_user(self, addr: int, data: Buffer) -> int:
+        view = memoryview(data).cast("B")
+        if not len(view):
+            return 0
+        if self._in_inline(addr):
+            assert self.inline is not None
+            if not self._req.inline_writable:
+                return 0  # a read-only buffer: the kernel's copy_to_user faults
+            at = addr - INLINE_ADDR
+            n = min(len(view), len(self.inline) - at)
+            self.inline[at : at + n] = view[:n]
+            self.written_back = True
+            return n
+        done = 0
+        while done < len(view):
+            n = min(self._window, len(view) - done)
+            got = self._call(wire.Write(self._req.id, addr + done, view[done : done + n]))
+            if got is None:
+                break
+            if not isinstance(got, wire.WriteDone) or got.written > n:
+                raise wire.RemoteProtocolError(f"WRITE answered with {got!r:.80}")
+            done += got.written
+            if got.written < n:
+                break
+        return done
+
+    def find_vmas(self, start: int, end: int) -> Sequence[Vma]:
+        got = self._call(wire.Vmas(self._req.id, start, end))
+        if got is None:
+            return []
+        if not isinstance(got, wire.VmasData):
+            raise wire.RemoteProtocolError(f"VMAS answered with {got!r:.80}")
+        return self._adopt(got.vmas)
+
+    def _call(self, event: wire.Event) -> wire.Event | None:
+        if self._roundtrip is None:
+            # Only requests that never leave their inline struct run on the loop; reaching
+            # here is kvmtag's bug, answered as a fault rather than a hang.
+            log.error("request %#x needed a callback on the event loop", self._req.request)
+            return None
+        return trio.from_thread.run(self._roundtrip, event)

@@ -1,0 +1,459 @@
+"""The wire protocol between kvmtag clients and kvmtagd: frames ⇄ events, with no I/O.
+
+docs/PROTOCOL.md is the reference a C client is written from; this module is its one
+declaration. Every frame is a 16-byte little-endian header followed by a body:
+
+    u32 length   whole frame, header included: 16 <= length <= the peer's max_message
+    u16 type     a MessageType
+    u16 nfds     descriptors passed with SCM_RIGHTS alongside this frame (0 unless allowed)
+    u32 id       request id: a reply, and every callback of a request, echoes it
+    u32 reserved 0
+
+`Codec` buffers bytes and descriptors and hands out events (`receive_data`, `next_event`,
+which returns NEED_DATA instead of raising), and turns events into bytes and fds (`send`).
+A peer's violation raises `RemoteProtocolError`; asking to send something invalid raises
+`LocalProtocolError`. Neither is an errno: the daemon closes the connection, the client turns it
+into EIO once, at its boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+from dataclasses import dataclass, field
+
+import construct as cs
+
+from kvmtag.uapi import compiled
+from kvmtag.usermem import Vma, VmaKind
+
+MAGIC = b"KVMT"
+VERSION = (1, 0)
+MAX_FDS = 32  # descriptors in one frame
+WINDOW = 1 << 20  # bytes of user memory moved by one READ or WRITE callback
+MAX_MESSAGE = WINDOW + 4096  # largest frame either side sends or accepts
+
+
+class MessageType(enum.IntEnum):
+    HELLO = 1  # client → daemon, first frame of every connection
+    HELLO_REPLY = 2  # daemon → client
+    IOCTL = 3  # client → daemon
+    REPLY = 4  # daemon → client: the ioctl's result (may carry fds: CREATE_VM, CREATE_VCPU)
+    READ = 5  # daemon → client: copy_from_user callback
+    READ_DATA = 6  # client → daemon
+    WRITE = 7  # daemon → client: copy_to_user callback
+    WRITE_DONE = 8  # client → daemon
+    VMAS = 9  # daemon → client: the mappings of a range (memslot creation)
+    VMAS_DATA = 10  # client → daemon (may carry fds: one per mapping that has one)
+    ERROR = 11  # daemon → client: protocol violation; the daemon then closes
+
+
+FROM_CLIENT = {MessageType.HELLO, MessageType.IOCTL, MessageType.READ_DATA,
+               MessageType.WRITE_DONE, MessageType.VMAS_DATA}  # fmt: skip
+FROM_DAEMON = set(MessageType) - FROM_CLIENT
+MAY_CARRY_FDS = {MessageType.REPLY, MessageType.VMAS_DATA}
+
+
+class FdKind(enum.IntEnum):
+    SYSTEM = 0
+    VM = 1
+    VCPU = 2
+
+
+class ProtocolError(Exception):
+    """A protocol violation (not an errno)."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were about to break the protocol."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol."""
+
+
+# --- declarations --------------------------------------------------------------------------------
+
+header = cs.Struct(
+    "length" / cs.Int32ul, "type" / cs.Int16ul, "nfds" / cs.Int16ul, "id" / cs.Int32ul,
+    "reserved" / cs.Int32ul,
+)  # fmt: skip
+hello = cs.Struct(
+    "magic" / cs.Bytes(4), "major" / cs.Int16ul, "minor" / cs.Int16ul, "flags" / cs.Int32ul
+)
+hello_reply = cs.Struct(
+    "magic" / cs.Bytes(4),
+    "major" / cs.Int16ul,
+    "minor" / cs.Int16ul,
+    "fd_kind" / cs.Int32ul,
+    "page_size" / cs.Int32ul,
+    "max_message" / cs.Int32ul,
+    "max_fds" / cs.Int32ul,
+    "window" / cs.Int32ul,
+    "errno" / cs.Int32ul,  # non-zero: the connection is refused (e.g. version)
+    "extensions" / cs.Int64ul,
+    "profile" / cs.Bytes(16),  # kernel profile name, ASCII, NUL padded
+)
+ioctl = cs.Struct(  # followed by the inline struct, if any
+    "request" / cs.Int32ul, "flags" / cs.Int32ul, "arg" / cs.Int64ul
+)
+reply = cs.Struct(  # followed by the written-back inline struct, if any
+    "result" / cs.Int64sl, "errno" / cs.Int32ul, "flags" / cs.Int32ul
+)
+read = cs.Struct("addr" / cs.Int64ul, "size" / cs.Int64ul)
+write = cs.Struct("addr" / cs.Int64ul)  # followed by the data
+write_done = cs.Struct("written" / cs.Int64ul)
+vmas = cs.Struct("start" / cs.Int64ul, "end" / cs.Int64ul)
+vmas_data = cs.Struct("count" / cs.Int32ul, "pad" / cs.Int32ul)  # followed by count records
+vma_record = cs.Struct(
+    "start" / cs.Int64ul,
+    "end" / cs.Int64ul,
+    "pgoff" / cs.Int64ul,
+    "dev" / cs.Int64ul,
+    "ino" / cs.Int64ul,
+    "kind" / cs.Int32ul,  # VMA_KINDS index
+    "flags" / cs.Int32ul,  # VMA_SHARED | VMA_WRITABLE | VMA_HAS_FD
+)
+error = cs.Struct("code" / cs.Int32ul)  # followed by a UTF-8 message
+
+IOCTL_INLINE = 1 << 0  # an inline struct follows: the ioctl's argument points at it
+IOCTL_INLINE_WRITABLE = 1 << 1  # the inline struct may be written back (a writable buffer)
+REPLY_WRITTEN_BACK = 1 << 0  # the reply carries the inline struct as the kernel left it
+VMA_SHARED, VMA_WRITABLE, VMA_HAS_FD = 1, 2, 4
+VMA_KINDS = (VmaKind.ANON, VmaKind.SHMEM, VmaKind.HUGETLBFS, VmaKind.FILE, VmaKind.OTHER)
+
+_HEADER = compiled(header)
+_HELLO = compiled(hello)
+_HELLO_REPLY = compiled(hello_reply)
+_IOCTL = compiled(ioctl)
+_REPLY = compiled(reply)
+_READ = compiled(read)
+_WRITE = compiled(write)
+_WRITE_DONE = compiled(write_done)
+_VMAS = compiled(vmas)
+_VMAS_DATA = compiled(vmas_data)
+_VMA = compiled(vma_record)
+_ERROR = compiled(error)
+HEADER_SIZE = _HEADER.size
+
+# --- events ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Hello:
+    id: int = 0
+    major: int = VERSION[0]
+    minor: int = VERSION[1]
+    flags: int = 0
+
+
+@dataclass
+class HelloReply:
+    id: int
+    fd_kind: FdKind
+    page_size: int
+    profile: str
+    errno: int = 0
+    extensions: int = 0
+    max_message: int = MAX_MESSAGE
+    max_fds: int = MAX_FDS
+    window: int = WINDOW
+    major: int = VERSION[0]
+    minor: int = VERSION[1]
+
+
+@dataclass
+class Ioctl:
+    id: int
+    request: int
+    arg: int
+    inline: bytes | None = None  # the struct, when the caller passed a buffer
+    inline_writable: bool = False
+
+
+@dataclass
+class Reply:
+    id: int
+    result: int
+    errno: int = 0
+    written_back: bytes | None = None
+    fds: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Read:
+    id: int
+    addr: int
+    size: int
+
+
+@dataclass
+class ReadData:
+    id: int
+    data: bytes | bytearray | memoryview  # the readable prefix
+
+
+@dataclass
+class Write:
+    id: int
+    addr: int
+    data: bytes | bytearray | memoryview
+
+
+@dataclass
+class WriteDone:
+    id: int
+    written: int
+
+
+@dataclass
+class Vmas:
+    id: int
+    start: int
+    end: int
+
+
+@dataclass
+class VmasData:
+    id: int
+    vmas: list[Vma]  # fd fields are the descriptors passed with the frame, in order
+    fds: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Error:
+    id: int
+    code: int
+    message: str
+
+
+Event = (
+    Hello | HelloReply | Ioctl | Reply | Read | ReadData | Write | WriteDone | Vmas | VmasData
+    | Error
+)
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+# --- the codec ---------------------------------------------------------------------------------
+
+
+class Codec:
+    """One side of one connection. `daemon=True` on kvmtagd's side.
+
+    Descriptors received with the bytes (SCM_RIGHTS) are queued and attached to the frame
+    that declares them; any descriptor no frame may carry is closed, and is the peer's error.
+    """
+
+    def __init__(self, *, daemon: bool, max_message: int = MAX_MESSAGE) -> None:
+        self.daemon = daemon
+        self.max_message = max_message
+        self._incoming = FROM_CLIENT if daemon else FROM_DAEMON
+        self._outgoing = FROM_DAEMON if daemon else FROM_CLIENT
+        self._buffer = bytearray()
+        self._fds: list[int] = []
+
+    # reading
+
+    def receive_data(self, data: bytes | bytearray | memoryview, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+        self._buffer += data
+        self._fds.extend(fds)
+
+    def next_event(self) -> Event | _NeedData:
+        buf = self._buffer
+        if len(buf) < HEADER_SIZE:
+            return NEED_DATA
+        length, mtype, nfds, req_id, reserved = _HEADER.unpack_from(buf)
+        # Bound the frame before buffering its body.
+        if not HEADER_SIZE <= length <= self.max_message:
+            raise self._violation(f"frame length {length} outside [16, {self.max_message}]")
+        if reserved:
+            raise self._violation("reserved header field is not 0")
+        try:
+            kind = MessageType(mtype)
+        except ValueError:
+            raise self._violation(f"unknown message type {mtype}") from None
+        if kind not in self._incoming:
+            raise self._violation(f"{kind.name} may not be sent by this peer")
+        if nfds and (kind not in MAY_CARRY_FDS or nfds > MAX_FDS):
+            raise self._violation(f"{kind.name} may not carry {nfds} descriptors")
+        if len(buf) < length:
+            return NEED_DATA
+        if len(self._fds) < nfds:
+            raise self._violation(f"{kind.name} declares {nfds} descriptors, {len(self._fds)} came")
+        body = bytes(buf[HEADER_SIZE:length])
+        del buf[:length]
+        fds, self._fds = self._fds[:nfds], self._fds[nfds:]
+        try:
+            return _decode(kind, req_id, body, fds)
+        except (ValueError, IndexError) as e:
+            _close_all(fds)
+            raise self._violation(f"bad {kind.name}: {e}") from None
+
+    def close_stray_fds(self) -> None:
+        """Close descriptors that arrived with no frame to claim them."""
+        _close_all(self._fds)
+        self._fds = []
+
+    @property
+    def pending_fds(self) -> int:
+        return len(self._fds)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def _violation(self, message: str) -> RemoteProtocolError:
+        self.close_stray_fds()
+        return RemoteProtocolError(message)
+
+    # writing
+
+    def send(self, event: Event) -> tuple[bytes, list[int]]:
+        """The frame for event, and the descriptors to pass with it."""
+        kind, body, fds = _encode(event)
+        if kind not in self._outgoing:
+            raise LocalProtocolError(f"{kind.name} may not be sent from this side")
+        if (fds and kind not in MAY_CARRY_FDS) or len(fds) > MAX_FDS:
+            raise LocalProtocolError(f"{kind.name} may not carry {len(fds)} descriptors")
+        length = HEADER_SIZE + len(body)
+        if length > self.max_message:
+            raise LocalProtocolError(f"{kind.name} of {length} bytes exceeds {self.max_message}")
+        return _HEADER.pack(length, kind, len(fds), event.id, 0) + body, fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _encode(event: Event) -> tuple[MessageType, bytes, list[int]]:
+    if isinstance(event, Hello):
+        return MessageType.HELLO, _HELLO.pack(MAGIC, event.major, event.minor, event.flags), []
+    if isinstance(event, HelloReply):
+        body = _HELLO_REPLY.pack(
+            MAGIC, event.major, event.minor, event.fd_kind, event.page_size, event.max_message,
+            event.max_fds, event.window, event.errno, event.extensions,
+            event.profile.encode("ascii"),
+        )  # fmt: skip
+        return MessageType.HELLO_REPLY, body, []
+    if isinstance(event, Ioctl):
+        flags = 0
+        if event.inline is not None:
+            flags |= IOCTL_INLINE | (IOCTL_INLINE_WRITABLE if event.inline_writable else 0)
+        body = _IOCTL.pack(event.request & 0xFFFFFFFF, flags, event.arg & (2**64 - 1))
+        return MessageType.IOCTL, body + (event.inline or b""), []
+    if isinstance(event, Reply):
+        flags = REPLY_WRITTEN_BACK if event.written_back is not None else 0
+        body = _REPLY.pack(event.result, event.errno, flags) + (event.written_back or b"")
+        return MessageType.REPLY, body, list(event.fds)
+    if isinstance(event, Read):
+        return MessageType.READ, _READ.pack(event.addr, event.size), []
+    if isinstance(event, ReadData):
+        return MessageType.READ_DATA, bytes(event.data), []
+    if isinstance(event, Write):
+        return MessageType.WRITE, _WRITE.pack(event.addr) + bytes(event.data), []
+    if isinstance(event, WriteDone):
+        return MessageType.WRITE_DONE, _WRITE_DONE.pack(event.written), []
+    if isinstance(event, Vmas):
+        return MessageType.VMAS, _VMAS.pack(event.start, event.end), []
+    if isinstance(event, VmasData):
+        records = []
+        for vma in event.vmas:
+            flags = (VMA_SHARED if vma.shared else 0) | (VMA_WRITABLE if vma.writable else 0)
+            flags |= VMA_HAS_FD if vma.fd is not None else 0
+            records.append(_VMA.pack(
+                vma.start, vma.end, vma.pgoff, vma.dev, vma.ino, VMA_KINDS.index(vma.kind), flags
+            ))  # fmt: skip
+        fds = [vma.fd for vma in event.vmas if vma.fd is not None]
+        return MessageType.VMAS_DATA, _VMAS_DATA.pack(len(records), 0) + b"".join(records), fds
+    if isinstance(event, Error):
+        return MessageType.ERROR, _ERROR.pack(event.code) + event.message.encode(), []
+    raise LocalProtocolError(f"not an event: {event!r}")
+
+
+def _fixed(layout: object, body: bytes, exact: bool = True) -> tuple[int | bytes, ...]:
+    size = layout.size  # type: ignore[attr-defined]
+    if len(body) < size or (exact and len(body) != size):
+        raise ValueError(f"body of {len(body)} bytes, expected {size}")
+    return layout.unpack_from(body)  # type: ignore[attr-defined, no-any-return]
+
+
+def _decode(kind: MessageType, req_id: int, body: bytes, fds: list[int]) -> Event:
+    if kind is MessageType.HELLO:
+        magic, major, minor, flags = _fixed(_HELLO, body)
+        if magic != MAGIC:
+            raise ValueError("bad magic")
+        return Hello(req_id, int(major), int(minor), int(flags))
+    if kind is MessageType.HELLO_REPLY:
+        (magic, major, minor, fd_kind, page, max_msg, max_fds, window, err, ext,
+         profile) = _fixed(_HELLO_REPLY, body)  # fmt: skip
+        if magic != MAGIC:
+            raise ValueError("bad magic")
+        assert isinstance(profile, bytes) and isinstance(fd_kind, int)
+        return HelloReply(
+            req_id, FdKind(fd_kind), int(page), profile.rstrip(b"\0").decode("ascii"), int(err),
+            int(ext), int(max_msg), int(max_fds), int(window), int(major), int(minor),
+        )  # fmt: skip
+    if kind is MessageType.IOCTL:
+        request, flags, arg = _fixed(_IOCTL, body, exact=False)
+        assert isinstance(flags, int)
+        rest = body[_IOCTL.size :]
+        if not flags & IOCTL_INLINE and rest:
+            raise ValueError("inline bytes without IOCTL_INLINE")
+        inline = rest if flags & IOCTL_INLINE else None
+        return Ioctl(req_id, int(request), int(arg), inline, bool(flags & IOCTL_INLINE_WRITABLE))
+    if kind is MessageType.REPLY:
+        result, err, flags = _fixed(_REPLY, body, exact=False)
+        assert isinstance(flags, int)
+        back = body[_REPLY.size :] if flags & REPLY_WRITTEN_BACK else None
+        return Reply(req_id, int(result), int(err), back, fds)
+    if kind is MessageType.READ:
+        addr, size = _fixed(_READ, body)
+        return Read(req_id, int(addr), int(size))
+    if kind is MessageType.READ_DATA:
+        return ReadData(req_id, body)
+    if kind is MessageType.WRITE:
+        (addr,) = _fixed(_WRITE, body, exact=False)
+        return Write(req_id, int(addr), body[_WRITE.size :])
+    if kind is MessageType.WRITE_DONE:
+        (written,) = _fixed(_WRITE_DONE, body)
+        return WriteDone(req_id, int(written))
+    if kind is MessageType.VMAS:
+        start, end = _fixed(_VMAS, body)
+        return Vmas(req_id, int(start), int(end))
+    if kind is MessageType.VMAS_DATA:
+        return _decode_vmas(req_id, body, fds)
+    code, = _fixed(_ERROR, body, exact=False)  # fmt: skip
+    return Error(req_id, int(code), body[_ERROR.size :].decode(errors="replace"))
+
+
+def _decode_vmas(req_id: int, body: bytes, fds: list[int]) -> VmasData:
+    count, _pad = _fixed(_VMAS_DATA, body, exact=False)
+    assert isinstance(count, int)
+    if len(body) != _VMAS_DATA.size + count * _VMA.size:
+        raise ValueError(f"{count} records do not fill {len(body)} bytes")
+    result, fd_at = [], 0
+    for i in range(count):
+        start, end, pgoff, dev, ino, kind, flags = _VMA.unpack_from(
+            body, _VMAS_DATA.size + i * _VMA.size
+        )
+        fd = None
+        if flags & VMA_HAS_FD:
+            if fd_at >= len(fds):
+                raise ValueError("more records with descriptors than descriptors")
+            fd, fd_at = fds[fd_at], fd_at + 1
+        result.append(Vma(
+            start, end, VMA_KINDS[kind], bool(flags & VMA_SHARED), bool(flags & VMA_WRITABLE),
+            dev, ino, pgoff, fd,
+        ))  # fmt: skip
+    if fd_at != len(fds):
+        raise ValueError("descriptors with no record")
+    return VmasData(req_id, result, fds)
