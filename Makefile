@@ -1,5 +1,6 @@
-# The README's two commands: `make run` and `make test`. `make test` installs what the suite
-# needs on a fresh Debian/Ubuntu machine (apt-get: needs root or sudo) and runs it.
+# The README's two commands: `make run` (install and start kvmtagd) and `make test` (install
+# what the suite needs on a fresh Debian/Ubuntu machine, apt-get included: root or sudo, and run
+# it).
 PYTHON ?= python3
 VENV ?= .venv
 APT_PACKAGES = gcc libc6-dev libffi-dev linux-libc-dev linux-libc-dev-arm64-cross
@@ -14,8 +15,8 @@ lint: venv
 	$(VENV)/bin/ruff check kvmtag tests cdefs clients
 	$(VENV)/bin/mypy
 
-run: venv
-	$(VENV)/bin/python clients/model_example.py
+run: deps venv
+	$(VENV)/bin/kvmtagd -v $(KVMTAGD_ARGS)
 
 # Only calls apt-get when a package is missing, so a warm machine needs neither root nor network.
 deps:

@@ -29,3 +29,13 @@ def test_model_example_script() -> None:
     assert "TO_GUEST  -> 16384" in out
     assert "across the slot's end -> 8192" in out
     assert "misaligned -> -22 EINVAL" in out
+
+
+def test_client_example_against_kvmtagd(kvmtagd: str) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "clients" / "client_example.py"), kvmtagd],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout
+    assert "TO_GUEST: 67108864 bytes" in out
+    assert "tags intact: True" in out
+    assert "misaligned length: EINVAL" in out
