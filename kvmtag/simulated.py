@@ -142,10 +142,10 @@ class SimulatedProcess:
                 m.readable, m.writable = readable, writable
                 m.vma = dataclasses.replace(m.vma, writable=writable)
 
-    def hole(self, size: int = _PAGE) -> int:
+    def hole(self, size: int = _PAGE, align: int = _PAGE) -> int:
         """An address range guaranteed unmapped: a pointer there faults."""
-        addr = self._next
-        self._next += size + _PAGE
+        addr = -(-self._next // align) * align
+        self._next = addr + size + _PAGE
         return addr
 
     def alloc(self, data: Buffer | int) -> int:

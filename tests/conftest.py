@@ -65,3 +65,32 @@ def kvmtagd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def file_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A directory on a disk filesystem, for mappings of "ordinary files"."""
     return str(tmp_path_factory.mktemp("files"))
+
+
+class Daemons:
+    """kvmtagd processes by configuration, started on first use and shared by the session."""
+
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        self._factory = factory
+        self._stack = contextlib.ExitStack()
+        self._paths: dict[tuple[str, int], str] = {}
+
+    def socket(self, profile: str = "latest", page_size: int = 4096) -> str:
+        key = (profile, page_size)
+        if key not in self._paths:
+            directory = self._factory.mktemp(f"kvmtagd-{profile}-{page_size}")
+            path, _ = self._stack.enter_context(running_kvmtagd(
+                directory, "--kernel", profile, "--page-size", str(page_size)
+            ))  # fmt: skip
+            self._paths[key] = path
+        return self._paths[key]
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+@pytest.fixture(scope="session")
+def daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemons]:
+    d = Daemons(tmp_path_factory)
+    yield d
+    d.close()

@@ -28,6 +28,7 @@ MEMORY_KINDS = (
 
 class Driver(Protocol):
     page_size: int
+    profile: str  # the kernel profile's name
 
     def open(self) -> int:
         """open("/dev/kvm")"""
@@ -67,6 +68,7 @@ class InProcessDriver:
     def __init__(self, config: HostConfig | None = None, host: Host | None = None) -> None:
         self.host = host or Host(config)
         self.page_size = self.host.config.page_size
+        self.profile = self.host.config.profile.name
         self.process = SimulatedProcess()
         self._files: dict[int, object] = {}
         self._fds = itertools.count(100)
@@ -125,7 +127,7 @@ class InProcessDriver:
 
     def mmap_with_hole(self, size: int, mapped: int, kind: str = "memfd") -> int:
         if not mapped:
-            return self.process.hole(size)
+            return self.process.hole(size, align=self.page_size)
         addr = self.mmap(mapped, kind)
         self.process.hole(size)  # nothing is ever mapped after a mapping's end here
         return addr
@@ -164,7 +166,15 @@ class InProcessDriver:
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+]
 _PROT_NONE = 0
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+_MAP_FIXED = 0x10  # the same on x86_64 and arm64
+_MAP_NORESERVE = 0x4000
+_MAP_FAILED = 2**64 - 1
 
 
 class ClientDriver:
@@ -178,10 +188,12 @@ class ClientDriver:
         self.client = client
         self.socket_path = socket_path
         self.file_dir = file_dir  # a disk filesystem (not tmpfs) for "file" mappings
-        self._keep: list[object] = []  # mappings and fds live as long as the driver
+        self._keep: list[int] = []  # fds that live as long as the driver
+        self._maps: list[tuple[int, int]] = []  # (address, size) to unmap at the end
         self._fds: list[int] = []
         fd = self.open()
         self.page_size = client.info(fd).page_size
+        self.profile = client.info(fd).profile
 
     def open(self) -> int:
         fd = self.client.open("/dev/kvm", socket=self.socket_path)
@@ -206,17 +218,30 @@ class ClientDriver:
         for fd in self._fds:
             with contextlib.suppress(OSError):
                 self.client.close(fd)
-        for obj in self._keep:
-            if isinstance(obj, int):
-                os.close(obj)
+        for fd in self._keep:
+            os.close(fd)
+        for addr, size in self._maps:
+            _libc.munmap(addr, size)
 
     def _map(self, size: int, fd: int = -1, flags: int = mmap.MAP_SHARED) -> int:
-        # Over-allocate so the address can be aligned to the emulated page size.
-        extra = self.page_size if self.page_size > mmap.PAGESIZE and fd == -1 else 0
-        m = mmap.mmap(fd, size + extra, flags)
-        self._keep.append(m)
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
-        return -(-addr // self.page_size) * self.page_size if extra else addr
+        """mmap at an address aligned to the emulated page size, as a VMM must on a host with
+        16 or 64 KiB pages: reserve a larger range, map inside it, give back the rest."""
+        size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+        align = max(self.page_size, mmap.PAGESIZE)
+        anon = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+        base = _libc.mmap(None, size + align, _PROT_NONE, anon, -1, 0)
+        if base in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), "mmap")
+        addr = -(-base // align) * align
+        got = _libc.mmap(addr, size, _PROT_RW, flags | _MAP_FIXED, fd, 0)
+        if got != addr:
+            raise OSError(ctypes.get_errno(), "mmap")
+        if addr > base:
+            _libc.munmap(base, addr - base)
+        if base + align > addr:
+            _libc.munmap(addr + size, base + align - addr)
+        self._maps.append((addr, size))
+        return addr
 
     def new_file(self, size: int, kind: str = "memfd") -> int:
         if kind.startswith("file"):
@@ -239,10 +264,7 @@ class ClientDriver:
             return self._map(size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         fd = file if isinstance(file, int) else self.new_file(size, kind)
         private = kind.endswith("-private")
-        # File mappings are aligned by the kernel to 4 KiB only: check the emulated page size.
-        addr = self._map(size, fd, mmap.MAP_PRIVATE if private else mmap.MAP_SHARED)
-        assert addr % self.page_size == 0 or self.page_size == mmap.PAGESIZE
-        return addr
+        return self._map(size, fd, mmap.MAP_PRIVATE if private else mmap.MAP_SHARED)
 
     def mmap_with_hole(self, size: int, mapped: int, kind: str = "memfd") -> int:
         addr = self.mmap(size, kind)

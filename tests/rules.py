@@ -25,7 +25,7 @@ class Slot:
     id: int = 0
     gfn: int = GFN0
     pages: int = 8
-    kind: str = "memfd"
+    kind: str = "anon"  # private anonymous: MTE-capable under every kernel profile
     flags: int = 0
     mapped_pages: int | None = None  # map only this many pages: the rest is a hole
 
@@ -139,7 +139,7 @@ class SetRegion:
     gfn: int = 0x1000
     pages: int = 4
     flags: int = 0
-    kind: str = "memfd"
+    kind: str = "anon"
     uaddr: str = "new"
     gpa_offset: int = 0
     size_offset: int = 0
@@ -218,6 +218,47 @@ class ClearDirtyLog:
         return w.driver.ioctl(w.vm, uapi.KVM_CLEAR_DIRTY_LOG, arg)[0]
 
 
+def tag_pattern(nbytes: int, seed: int) -> bytes:
+    return bytes((i * 7 + seed) % 16 for i in range(nbytes))
+
+
+def read_tags(w: World, gfn: int, pages: int) -> bytes:
+    addr = w.driver.buffer(pages * w.tpp)
+    arg = LAYOUT["kvm_arm_copy_mte_tags"].pack(gfn * w.page, pages * w.page, addr, FROM, 0, 0)
+    assert w.driver.ioctl(w.vm, uapi.KVM_ARM_MTE_COPY_TAGS, arg)[0] == pages * w.page
+    return w.driver.read(addr, pages * w.tpp)
+
+
+@dataclass(frozen=True)
+class RetagWithFault:
+    """Tag 4 pages (pattern A), then copy pattern B over them from a buffer that faults half-way
+    through page 2: returns the second copy's result."""
+
+    def __call__(self, w: World) -> int:
+        first = tag_pattern(4 * w.tpp, 3)
+        arg = LAYOUT["kvm_arm_copy_mte_tags"].pack(GFN0 * w.page, 4 * w.page,
+                                                   w.driver.buffer(first), TO, 0, 0)
+        w.driver.ioctl(w.vm, uapi.KVM_ARM_MTE_COPY_TAGS, arg)
+        second = tag_pattern(4 * w.tpp, 9)[: 2 * w.tpp + w.tpp // 2]
+        arg = LAYOUT["kvm_arm_copy_mte_tags"].pack(GFN0 * w.page, 4 * w.page,
+                                                   w.driver.edge(second), TO, 0, 0)
+        return w.driver.ioctl(w.vm, uapi.KVM_ARM_MTE_COPY_TAGS, arg)[0]
+
+
+def faulted_page_contents(w: World) -> None:
+    """Since 6.2 the faulting page is cleared; before, it keeps what was copied, then the rest
+    of its old tags. Pages before it have the new tags, pages after it the old ones."""
+    tpp = w.tpp
+    old, new = tag_pattern(4 * tpp, 3), tag_pattern(4 * tpp, 9)
+    got = read_tags(w, GFN0, 4)
+    assert got[: 2 * tpp] == new[: 2 * tpp]
+    if w.driver.profile == "5.14":
+        assert got[2 * tpp : 3 * tpp] == new[2 * tpp : 2 * tpp + tpp // 2] + old[2 * tpp + tpp // 2 : 3 * tpp]
+    else:
+        assert got[2 * tpp : 3 * tpp] == bytes(tpp)
+    assert got[3 * tpp :] == old[3 * tpp :]
+
+
 # --- expectations ------------------------------------------------------------------------------
 
 
@@ -228,6 +269,14 @@ class Pages:
     n: int
 
 
+PROFILE_ORDER = ("5.14", "6.2", "6.4", "6.12", "latest")
+
+
+def before(profile: str, expect: int | str | Pages) -> dict[str, int | str | Pages]:
+    """An expectation for every kernel profile older than `profile`."""
+    return {p: expect for p in PROFILE_ORDER[: PROFILE_ORDER.index(profile)]}
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -235,6 +284,11 @@ class Case:
     expect: int | str | Pages  # a result, an errno name, or Pages
     vm: VmSpec = VmSpec()
     then: Callable[[World], None] | None = None
+    older: dict[str, int | str | Pages] = field(default_factory=dict)  # per-profile answers
+    since: str = "5.14"  # the case exists from this profile on (e.g. needs shared memory)
+
+    def applies(self, profile: str) -> bool:
+        return PROFILE_ORDER.index(profile) >= PROFILE_ORDER.index(self.since)
 
     def run(self, driver: Driver) -> None:
         world = build(driver, self.vm)
@@ -242,7 +296,8 @@ class Case:
             got: int | str = self.op(world)
         except OSError as e:
             got = errno.errorcode[e.errno or 0]
-        want = self.expect.n * driver.page_size if isinstance(self.expect, Pages) else self.expect
+        expect = self.older.get(driver.profile, self.expect)
+        want = expect.n * driver.page_size if isinstance(expect, Pages) else expect
         if want == "fd":  # CREATE_VM / CREATE_VCPU: any new file descriptor
             assert isinstance(got, int) and got >= 0, f"{self.name}: got {got!r}, want an fd"
         else:
@@ -351,12 +406,21 @@ MEMSLOT_CASES = [
     Case("new userspace_addr", SetRegion(slot=0, gfn=GFN0, pages=8), "EINVAL"),
     Case("READONLY on", SetRegion(slot=0, gfn=GFN0, pages=8, uaddr="slot0", flags=RO), "EINVAL"),
 ] + [
-    Case(f"MTE VM, {kind} memory", SetRegion(kind=kind), expect, vm)
-    for kind, mte_expect in (
-        ("anon", 0), ("anon-shared", 0), ("memfd", 0), ("memfd-private", 0),
-        ("hugetlbfs", 0), ("file", "EINVAL"), ("file-private", "EINVAL"), ("device", "EINVAL"),
+    Case(f"MTE VM, {kind} memory", SetRegion(kind=kind), expect, VmSpec(), older=older)
+    for kind, expect, older in (
+        ("anon", 0, {}),
+        ("anon-shared", 0, before("6.2", "EINVAL")),  # before 6.2: no MAP_SHARED at all
+        ("memfd", 0, before("6.2", "EINVAL")),
+        ("memfd-private", 0, {}),
+        ("hugetlbfs", 0, before("latest", "EINVAL")),  # hugetlbfs since 6.13
+        ("file", "EINVAL", {}),
+        ("file-private", "EINVAL", before("6.2", 0)),  # before 6.2 only VM_SHARED was checked
+        ("device", "EINVAL", {}),
     )
-    for vm, expect in ((VmSpec(), mte_expect), (NO_MTE, 0))
+] + [
+    Case(f"non-MTE VM, {kind} memory", SetRegion(kind=kind), 0, NO_MTE)
+    for kind in ("anon", "anon-shared", "memfd", "memfd-private", "hugetlbfs", "file",
+                 "file-private", "device")
 ] + [
     Case("device memory with logging", SetRegion(kind="device", flags=LOG), "EINVAL", NO_MTE),
 ]
@@ -373,7 +437,8 @@ COPY_TAGS_CASES = [
     Case("unknown flag", CopyTags(flags=2), "EINVAL"),
     Case("ipa not page aligned", CopyTags(ipa_offset=16), "EINVAL"),
     Case("length not page aligned", CopyTags(length=4096 + 16), "EINVAL"),
-    Case("length above INT_MAX", CopyTags(length=INT_MAX + 1), "EINVAL"),
+    Case("length above INT_MAX", CopyTags(length=INT_MAX + 1), "EINVAL",
+         older=before("6.4", Pages(8))),  # copied until the slot's end, then stops
     Case("no memslot", CopyTags(gfn=0x10), "EFAULT"),
     Case("runs off the slot's end", CopyTags(gfn=GFN0 + 6, pages=4), Pages(2)),
     Case("runs off the slot's end, from guest", CopyTags(gfn=GFN0 + 6, pages=4, flags=FROM),
@@ -404,15 +469,21 @@ COPY_TAGS_CASES = [
     Case("buffer faults at page 2, from guest", CopyTags(buffer="edge", edge_pages=2, flags=FROM),
          Pages(2)),
     Case("buffer faults inside page 0", CopyTags(buffer="edge", edge_pages=0.5), "EFAULT"),
+    Case("buffer faults inside a tagged page", RetagWithFault(), Pages(2),
+         then=faulted_page_contents),
     Case("buffer faults inside page 0, from guest",
          CopyTags(buffer="edge", edge_pages=0.5, flags=FROM), "EFAULT"),
-    Case("to guest while logging", CopyTags(), "EBUSY", LOGGING),
-    Case("length 0 to guest while logging", CopyTags(pages=0), "EBUSY", LOGGING),
+    Case("to guest while logging", CopyTags(), "EBUSY", LOGGING, older=before("6.12", Pages(4))),
+    Case("length 0 to guest while logging", CopyTags(pages=0), "EBUSY", LOGGING,
+         older=before("6.12", 0)),
     Case("from guest while logging", CopyTags(flags=FROM), Pages(4), LOGGING),
     Case("checks before EBUSY", CopyTags(reserved=(1, 0)), "EINVAL", LOGGING),
-    Case("private anonymous memory", CopyTags(), Pages(4), VmSpec(slots=(Slot(kind="anon"),))),
+    Case("private memfd memory", CopyTags(), Pages(4),
+         VmSpec(slots=(Slot(kind="memfd-private"),))),
+    Case("shared memfd memory", CopyTags(), Pages(4), VmSpec(slots=(Slot(kind="memfd"),)),
+         since="6.2"),
     Case("shared anonymous memory", CopyTags(), Pages(4),
-         VmSpec(slots=(Slot(kind="anon-shared"),))),
+         VmSpec(slots=(Slot(kind="anon-shared"),)), since="6.2"),
 ]
 
 DIRTY_LOG_CASES = [
