@@ -46,7 +46,7 @@ def capabilities(config: HostConfig) -> dict[str, object]:
         "features": ["mte-copy-tags", "dirty-log", "manual-dirty-log-protect"],
         "protocol-version": "{}.{}".format(*wire.VERSION),
         "kernel-profile": config.profile.name,
-        "kernel-profiles": sorted(PROFILES),
+        "kernel-profiles": list(PROFILES),
         "page-size": config.page_size,
         "page-sizes": list(PAGE_SIZES),
         "api-version": uapi.KVM_API_VERSION,
@@ -69,7 +69,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="emulated host page size (default 4096)",
     )  # fmt: skip
     p.add_argument(
-        "--kernel", choices=sorted(PROFILES), default="latest",
+        "--kernel", choices=list(PROFILES), default="latest",
         help="kernel behaviour profile (default latest)",
     )  # fmt: skip
     p.add_argument(

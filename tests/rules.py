@@ -319,6 +319,7 @@ SYSTEM_CASES = [
     Case("unknown system ioctl", Ioctl(0xAEFF, fd="kvm"), "EINVAL", NO_VM),
     Case("copy tags on the system fd", Ioctl(uapi.KVM_ARM_MTE_COPY_TAGS, fd="kvm"), "EINVAL", NO_VM),
     Case("unknown VM ioctl", Ioctl(0xAEFF), "EINVAL"),
+    Case("mmap size: two host pages", Ioctl(uapi.KVM_GET_VCPU_MMAP_SIZE, fd="kvm"), Pages(2), NO_VM),
     Case("mmap size with an argument", Ioctl(uapi.KVM_GET_VCPU_MMAP_SIZE, 1, "kvm"), "EINVAL", NO_VM),
     Case("create VM, default IPA", Ioctl(uapi.KVM_CREATE_VM, 0, "kvm"), "fd", NO_VM),
     Case("create VM, 32-bit IPA", Ioctl(uapi.KVM_CREATE_VM, 32, "kvm"), "fd", NO_VM),
