@@ -146,8 +146,8 @@ class Memslots:
         """Runs of reachable pages from gfn, in order, stopping at the first unreachable one.
 
         A page is unreachable when no slot holds it, when it lies in a hole between the VMM's
-        mappings, or (for a write) when its slot or its mapping is read-only. Returns (runs,
-        pages covered).
+        mappings or in a PROT_NONE one, or (for a write) when its slot or its mapping is
+        read-only. Returns (runs, pages covered).
         """
         runs: list[Run] = []
         done = 0
@@ -174,7 +174,7 @@ def _slot_runs(slot: Memslot, offset: int, npages: int, write: bool, runs: list[
         page = offset + done
         if not seg.first <= page < seg.first + seg.npages:
             break  # a hole in the VMM's mappings
-        if write and not seg.vma.writable:
+        if not seg.vma.readable or (write and not seg.vma.writable):
             break
         n = min(npages - done, seg.first + seg.npages - page)
         runs.append(Run(n, seg.backing, seg.index + page - seg.first, slot, page))

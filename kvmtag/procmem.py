@@ -287,6 +287,7 @@ class MapsLine:
     dev: int
     ino: int
     path: str  # as printed: "\n" is escaped as "\012", a deleted file ends in " (deleted)"
+    readable: bool = True
 
     @property
     def file_backed(self) -> bool:
@@ -309,6 +310,7 @@ def parse_maps_line(line: bytes) -> MapsLine:
         dev=os.makedev(int(major, 16), int(minor, 16)),
         ino=int(fields[4]),
         path=os.fsdecode(fields[5]) if len(fields) > 5 else "",
+        readable=perms[0:1] == b"r",
     )
 
 
@@ -515,7 +517,9 @@ def find_vmas(start: int, end: int) -> list[Vma]:
             if kind is VmaKind.OTHER and fd is not None:
                 os.close(fd)
                 fd = None
-            vma = Vma(m.start, m.end, kind, m.shared, m.writable, m.dev, m.ino, m.pgoff, fd)
+            vma = Vma(
+                m.start, m.end, kind, m.shared, m.writable, m.dev, m.ino, m.pgoff, fd, m.readable
+            )
             vmas.append(vma)
             fd = None
     except BaseException:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -229,8 +230,7 @@ class Server:
                             MAX_HELD_FDS)  # fmt: skip
                 os.close(vma.fd)
                 fd = None
-            out.append(Vma(vma.start, vma.end, vma.kind, vma.shared, vma.writable, vma.dev,
-                           vma.ino, vma.pgoff, fd))  # fmt: skip
+            out.append(dataclasses.replace(vma, fd=fd))
         return out
 
     def _hold(self, process: Hashable) -> None:

@@ -113,7 +113,7 @@ class SimulatedProcess:
             raise ValueError(f"mapping at {addr:#x} overlaps another")
         if file is None:
             memory, mem_offset = bytearray(size), 0
-            vma = Vma(addr, addr + size, kind or VmaKind.ANON, shared, writable)
+            vma = Vma(addr, addr + size, kind or VmaKind.ANON, shared, writable, readable=readable)
         else:
             if offset + size > file.size:
                 raise ValueError("mapping beyond the end of the file")
@@ -121,7 +121,8 @@ class SimulatedProcess:
             memory = file.data if shared else bytearray(file.data[offset : offset + size])
             mem_offset = offset if shared else 0
             vma = Vma(
-                addr, addr + size, kind or file.kind, shared, writable, file.dev, file.ino, offset
+                addr, addr + size, kind or file.kind, shared, writable, file.dev, file.ino, offset,
+                readable=readable,
             )
         mapping = _Mapping(addr, addr + size, vma, memory, mem_offset, readable, writable)
         i = bisect.bisect(self._starts, addr)
@@ -140,7 +141,7 @@ class SimulatedProcess:
         for m in self._maps:
             if addr <= m.start and m.end <= addr + size:
                 m.readable, m.writable = readable, writable
-                m.vma = dataclasses.replace(m.vma, writable=writable)
+                m.vma = dataclasses.replace(m.vma, writable=writable, readable=readable)
 
     def hole(self, size: int = _PAGE, align: int = _PAGE) -> int:
         """An address range guaranteed unmapped: a pointer there faults."""

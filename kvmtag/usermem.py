@@ -36,7 +36,8 @@ class Vma:
     mapping; a private mapping's memory belongs to the process and is identified by address.
     `fd` is a descriptor the daemon holds for the backing file, when it could be obtained (the
     emulated guest reaches data through it; tags never need it). A mapping that is not
-    `writable` cannot take TO_GUEST tags: the kernel pins such pages for writing.
+    `writable` cannot take TO_GUEST tags (the kernel pins such pages for writing), and one that
+    is not `readable` (PROT_NONE) cannot be reached at all.
     """
 
     start: int
@@ -48,6 +49,7 @@ class Vma:
     ino: int = 0
     pgoff: int = 0
     fd: int | None = None
+    readable: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.start < self.end:

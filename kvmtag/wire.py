@@ -113,14 +113,14 @@ vma_record = cs.Struct(
     "dev" / cs.Int64ul,
     "ino" / cs.Int64ul,
     "kind" / cs.Int32ul,  # VMA_KINDS index
-    "flags" / cs.Int32ul,  # VMA_SHARED | VMA_WRITABLE | VMA_HAS_FD
+    "flags" / cs.Int32ul,  # VMA_SHARED | VMA_WRITABLE | VMA_HAS_FD | VMA_READABLE
 )
 error = cs.Struct("code" / cs.Int32ul)  # followed by a UTF-8 message
 
 IOCTL_INLINE = 1 << 0  # an inline struct follows: the ioctl's argument points at it
 IOCTL_INLINE_WRITABLE = 1 << 1  # the inline struct may be written back (a writable buffer)
 REPLY_WRITTEN_BACK = 1 << 0  # the reply carries the inline struct as the kernel left it
-VMA_SHARED, VMA_WRITABLE, VMA_HAS_FD = 1, 2, 4
+VMA_SHARED, VMA_WRITABLE, VMA_HAS_FD, VMA_READABLE = 1, 2, 4, 8
 VMA_KINDS = (VmaKind.ANON, VmaKind.SHMEM, VmaKind.HUGETLBFS, VmaKind.FILE, VmaKind.OTHER)
 
 _HEADER = compiled(header)
@@ -369,6 +369,7 @@ def _encode(event: Event) -> tuple[MessageType, bytes, list[int]]:
         for vma in event.vmas:
             flags = (VMA_SHARED if vma.shared else 0) | (VMA_WRITABLE if vma.writable else 0)
             flags |= VMA_HAS_FD if vma.fd is not None else 0
+            flags |= VMA_READABLE if vma.readable else 0
             records.append(_VMA.pack(
                 vma.start, vma.end, vma.pgoff, vma.dev, vma.ino, VMA_KINDS.index(vma.kind), flags
             ))  # fmt: skip
@@ -452,7 +453,7 @@ def _decode_vmas(req_id: int, body: bytes, fds: list[int]) -> VmasData:
             fd, fd_at = fds[fd_at], fd_at + 1
         result.append(Vma(
             start, end, VMA_KINDS[kind], bool(flags & VMA_SHARED), bool(flags & VMA_WRITABLE),
-            dev, ino, pgoff, fd,
+            dev, ino, pgoff, fd, bool(flags & VMA_READABLE),
         ))  # fmt: skip
     if fd_at != len(fds):
         raise ValueError("descriptors with no record")

@@ -16,6 +16,7 @@ from kvmtag import Host, HostConfig, SimulatedFile, SimulatedProcess, Vcpu, Vm, 
 MEMORY_KINDS = (
     "anon",  # MAP_PRIVATE|MAP_ANONYMOUS
     "anon-readonly",  # the same, PROT_READ
+    "anon-none",  # the same, PROT_NONE
     "anon-shared",  # MAP_SHARED|MAP_ANONYMOUS
     "memfd",  # memfd, MAP_SHARED
     "memfd-private",  # memfd, MAP_PRIVATE
@@ -106,8 +107,9 @@ class InProcessDriver:
         proc = self.process
         if kind == "anon":
             return proc.mmap(size, align=self.page_size)
-        if kind == "anon-readonly":
-            return proc.mmap(size, writable=False, align=self.page_size)
+        if kind in ("anon-readonly", "anon-none"):
+            readable = kind == "anon-readonly"
+            return proc.mmap(size, readable=readable, writable=False, align=self.page_size)
         if kind == "anon-shared":  # shmem underneath, with an inode of its own
             return proc.mmap(
                 size,
@@ -255,10 +257,10 @@ class ClientDriver:
     def mmap(self, size: int, kind: str = "memfd", file: object | None = None) -> int:
         if kind in self.unsupported:
             raise ValueError(f"{kind} memory cannot be had here")
-        if kind in ("anon", "anon-readonly"):
+        if kind in ("anon", "anon-readonly", "anon-none"):
             addr = self._map(size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            if kind == "anon-readonly":
-                self._protect(addr, size, mmap.PROT_READ)
+            if kind != "anon":
+                self._protect(addr, size, mmap.PROT_READ if kind == "anon-readonly" else _PROT_NONE)
             return addr
         if kind == "anon-shared":
             return self._map(size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)

@@ -82,6 +82,7 @@ def test_descriptors_travel_with_their_frame() -> None:
         Vma(0x1000, 0x3000, VmaKind.SHMEM, True, True, 0x1A, 77, 0x2000, fds[0]),
         Vma(0x3000, 0x4000, VmaKind.ANON, False, True),
         Vma(0x5000, 0x6000, VmaKind.HUGETLBFS, True, False, 0x1B, 78, 0, fds[1]),
+        Vma(0x7000, 0x8000, VmaKind.ANON, False, False, readable=False),
     ]
     data, out_fds = wire.Codec(daemon=False).send(wire.VmasData(2, vmas))
     assert out_fds == fds
