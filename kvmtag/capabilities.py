@@ -25,6 +25,7 @@ def check_extension(config: HostConfig, cap: int) -> int:
         uapi.KVM_CAP_ARM_VM_IPA_SIZE: config.ipa_limit,
         uapi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: uapi.KVM_DIRTY_LOG_MANUAL_CAPS,
         uapi.KVM_CAP_ARM_MTE: 1,  # kvmtag emulates a host whose CPUs have MTE
+        uapi.KVMTAG_CAP_TAG_LOG: 1,  # kvmtag's own extension (kvmtag.taglog)
     }
     return values.get(cap, 0)
 

@@ -15,8 +15,11 @@ held for the duration of the call so the memory cannot move.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap as _mmap
 import os
+import struct
+from dataclasses import dataclass
 from types import TracebackType
 
 from kvmtag import client, procmem, uapi
@@ -109,6 +112,27 @@ class VmFd(_Fd):
         """KVM_CREATE_VCPU."""
         return VcpuFd(self._ioctl(uapi.KVM_CREATE_VCPU, vcpu_id))
 
+    def preferred_target(self) -> tuple[int, tuple[int, ...]]:
+        """KVM_ARM_PREFERRED_TARGET: (target, features)."""
+        buf = bytearray(_L["kvm_vcpu_init"].size)
+        self._ioctl(uapi.KVM_ARM_PREFERRED_TARGET, buf)
+        target, *features = _L["kvm_vcpu_init"].unpack(buf)
+        return target, tuple(features)
+
+    def get_tag_log(
+        self, slot: int, first_page: int, num_pages: int, packed_per_page: int
+    ) -> tuple[bytes, bytes]:
+        """KVMTAG_GET_TAG_LOG (kvmtag's extension, KVMTAG_CAP_TAG_LOG): the saved packed tags
+        of the range and its validity bitmap."""
+        tags = bytearray(num_pages * packed_per_page)
+        valid = bytearray(-(-num_pages // 64) * 8)
+        with memoryview(tags), memoryview(valid):
+            arg = _L["kvmtag_tag_log"].pack(
+                slot, 0, first_page, num_pages, address_of(tags), address_of(valid)
+            )
+            self._ioctl(uapi.KVMTAG_GET_TAG_LOG, arg)
+        return bytes(tags), bytes(valid)
+
     def mte_copy_tags(
         self, guest_ipa: int, length: int, tags: int | ReadableBuffer, flags: int
     ) -> int:
@@ -141,6 +165,63 @@ class VcpuFd(_Fd):
     def mmap_run(self, size: int) -> _mmap.mmap:
         """The kvm_run area (size = Kvm.get_vcpu_mmap_size())."""
         return client.mmap(self.fd, size)
+
+    def init(self, target: int = uapi.KVM_ARM_TARGET_GENERIC_V8, features: int = 0) -> None:
+        """KVM_ARM_VCPU_INIT with features[0] = features."""
+        self._ioctl(uapi.KVM_ARM_VCPU_INIT, _L["kvm_vcpu_init"].pack(target, features, *[0] * 6))
+
+    def run(self) -> None:
+        """KVM_RUN: the exit is in the kvm_run area (see `exit_of`)."""
+        self._ioctl(uapi.KVM_RUN)
+
+    def get_one_reg(self, reg_id: int) -> int:
+        """KVM_GET_ONE_REG of a 64-bit register (uapi.CORE_REGS)."""
+        value = bytearray(8)
+        with memoryview(value):
+            self._ioctl(uapi.KVM_GET_ONE_REG, _L["kvm_one_reg"].pack(reg_id, address_of(value)))
+        return int.from_bytes(value, "little")
+
+    def set_one_reg(self, reg_id: int, value: int) -> None:
+        """KVM_SET_ONE_REG of a 64-bit register."""
+        data = value.to_bytes(8, "little")
+        self._ioctl(uapi.KVM_SET_ONE_REG, _L["kvm_one_reg"].pack(reg_id, address_of(data)))
+
+    def get_reg_list(self) -> list[int]:
+        """KVM_GET_REG_LIST."""
+        head = bytearray(8)
+        try:
+            self._ioctl(uapi.KVM_GET_REG_LIST, head)
+        except OSError as e:
+            if e.errno != errno.E2BIG:
+                raise
+        n = int.from_bytes(head, "little")
+        buf = bytearray(n.to_bytes(8, "little") + bytes(8 * n))
+        self._ioctl(uapi.KVM_GET_REG_LIST, buf)
+        return list(struct.unpack_from(f"<{n}Q", buf, 8))
+
+
+@dataclass(frozen=True)
+class RunExit:
+    """The exit a KVM_RUN left in the kvm_run area."""
+
+    reason: int
+    mmio_addr: int = 0  # KVM_EXIT_MMIO
+    mmio_data: bytes = b""
+    event: int = 0  # KVM_EXIT_SYSTEM_EVENT type, or KVM_EXIT_INTERNAL_ERROR suberror
+    data: tuple[int, ...] = ()  # system_event.data / internal.data, ndata of them
+
+
+def exit_of(run: _mmap.mmap | bytes) -> RunExit:
+    """Decode the kvm_run area after KVM_RUN."""
+    reason = struct.unpack_from("<I", run, 8)[0]
+    at = uapi.KVM_RUN_EXIT_OFFSET
+    if reason == uapi.KVM_EXIT_MMIO:
+        addr, data, length, _ = _L["kvm_run_mmio"].unpack_from(run, at)
+        return RunExit(reason, addr, data[:length])
+    if reason in (uapi.KVM_EXIT_SYSTEM_EVENT, uapi.KVM_EXIT_INTERNAL_ERROR):
+        kind, ndata, *data = _L["kvm_run_system_event"].unpack_from(run, at)
+        return RunExit(reason, event=kind, data=tuple(data[: min(ndata, 16)]))
+    return RunExit(reason)
 
 
 def _pinned(buf: int | ReadableBuffer) -> contextlib.AbstractContextManager[object]:

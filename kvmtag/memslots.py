@@ -11,9 +11,10 @@ ever looping per page.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from kvmtag.taglog import SlotTagLog
 from kvmtag.tagstore import Backing, BackingKey, TagStore, private_key, shared_key
 from kvmtag.uapi import KVM_MEM_READONLY
 from kvmtag.usermem import Vma
@@ -50,9 +51,17 @@ class Memslot:
     userspace_addr: int
     segments: list[Segment] = field(default_factory=list)
     dirty_bitmap: bytearray | None = None
+    tag_log: SlotTagLog | None = None  # kvmtag's extension, while the slot logs
 
     def __post_init__(self) -> None:
         self.segment_starts = [s.first for s in self.segments]
+
+    def segment_for(self, page: int) -> Segment | None:
+        """The segment holding page (an offset in the slot), or None for a hole."""
+        i = bisect.bisect_right(self.segment_starts, page) - 1
+        if i >= 0 and page < self.segments[i].first + self.segments[i].npages:
+            return self.segments[i]
+        return None
 
     @property
     def end_gfn(self) -> int:
@@ -96,11 +105,12 @@ class Memslots:
 
     def __init__(self) -> None:
         self.by_id: dict[int, Memslot] = {}
-        self._bases: list[int] = []  # sorted base_gfns
-        self._sorted: list[Memslot] = []
+        # (sorted base_gfns, slots in that order), replaced whole on every change so that
+        # lookups from running vCPUs, which take no lock, always see a consistent pair.
+        self._index: tuple[list[int], list[Memslot]] = ([], [])
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self._sorted)
+    def __iter__(self) -> Iterator[Memslot]:
+        return iter(self._index[1])
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -117,22 +127,24 @@ class Memslots:
         self._reindex()
 
     def _reindex(self) -> None:
-        self._sorted = sorted(self.by_id.values(), key=lambda s: s.base_gfn)
-        self._bases = [s.base_gfn for s in self._sorted]
+        ordered = sorted(self.by_id.values(), key=lambda s: s.base_gfn)
+        self._index = ([s.base_gfn for s in ordered], ordered)
 
     def find(self, gfn: int) -> Memslot | None:
         """The slot holding guest frame gfn."""
-        i = bisect.bisect_right(self._bases, gfn) - 1
-        if i >= 0 and gfn < self._sorted[i].end_gfn:
-            return self._sorted[i]
+        bases, ordered = self._index
+        i = bisect.bisect_right(bases, gfn) - 1
+        if i >= 0 and gfn < ordered[i].end_gfn:
+            return ordered[i]
         return None
 
     def overlaps(self, slot_id: int, base_gfn: int, end_gfn: int) -> bool:
         """Does [base_gfn, end_gfn) overlap any slot other than slot_id?"""
-        i = bisect.bisect_left(self._bases, end_gfn)
+        bases, ordered = self._index
+        i = bisect.bisect_left(bases, end_gfn)
         # Slots are disjoint, so only the one starting just before end_gfn can reach in;
         # skip the slot being moved, which may sit there.
-        for s in reversed(self._sorted[:i]):
+        for s in reversed(ordered[:i]):
             if s.id == slot_id:
                 continue
             return s.end_gfn > base_gfn
@@ -140,7 +152,7 @@ class Memslots:
 
     def logging(self) -> int:
         """How many slots log dirty pages (the kernel's nr_memslots_dirty_logging)."""
-        return sum(1 for s in self._sorted if s.dirty_bitmap is not None)
+        return sum(1 for s in self._index[1] if s.dirty_bitmap is not None)
 
     def resolve(self, gfn: int, npages: int, write: bool) -> tuple[list[Run], int]:
         """Runs of reachable pages from gfn, in order, stopping at the first unreachable one.

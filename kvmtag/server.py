@@ -93,7 +93,7 @@ class Connection:
 class Server:
     """Serves one `Host` to any number of connections."""
 
-    def __init__(self, host: Host, *, threads: int = 8) -> None:
+    def __init__(self, host: Host, *, threads: int = 32) -> None:
         self.host = host
         self.limiter = trio.CapacityLimiter(threads)
         self._connections: dict[Hashable, int] = {}  # open connections per client process
@@ -158,6 +158,7 @@ class Server:
         reply = wire.HelloReply(
             hello.id, kind, config.page_size, config.profile.name,
             errno=0 if hello.major == wire.VERSION[0] else errno.EPROTONOSUPPORT,
+            extensions=uapi.KVMTAG_EXT_TAG_LOG,
         )  # fmt: skip
         await conn.send(reply)
         if reply.errno:
@@ -205,9 +206,7 @@ class Server:
         )
         fds = [theirs.detach()]
         if isinstance(target, Vcpu):
-            run = os.memfd_create("kvm_run", os.MFD_CLOEXEC)
-            os.ftruncate(run, self.host.config.vcpu_mmap_size)
-            fds.append(run)
+            fds.append(os.dup(target.run_fd))  # the kvm_run area, which the model updates
         return fds
 
     def _adopt(self, process: Hashable, vmas: list[Vma]) -> list[Vma]:

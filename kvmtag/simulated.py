@@ -9,8 +9,12 @@ bytes themselves. Addresses are plain integers in a 48-bit user address space.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import itertools
+import mmap
+import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,7 +28,11 @@ _next_pid = itertools.count(1)
 @dataclass(eq=False)
 class SimulatedFile:
     """A file whose pages can be mapped shared: a memfd, a tmpfs or hugetlbfs file, or an ext4
-    file. Two processes mapping one SimulatedFile share its data and, in the model, its tags."""
+    file. Two processes mapping one SimulatedFile share its data and, in the model, its tags.
+
+    The data lives in a real memfd (`fd`), so shared mappings of it hand the model a descriptor
+    that reaches the data, as the daemon gets for a VMM's memfd.
+    """
 
     size: int
     kind: VmaKind = VmaKind.SHMEM
@@ -32,7 +40,16 @@ class SimulatedFile:
     ino: int = field(default_factory=lambda: next(_next_ino))
 
     def __post_init__(self) -> None:
-        self.data = bytearray(self.size)
+        self.fd = os.memfd_create(f"simulated-{self.ino}", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.size)
+        self.data = mmap.mmap(self.fd, self.size)
+        weakref.finalize(self, _release, self.data, self.fd)
+
+
+def _release(data: mmap.mmap, fd: int) -> None:
+    with contextlib.suppress(BufferError):
+        data.close()
+    os.close(fd)
 
 
 @dataclass(eq=False)
@@ -40,7 +57,7 @@ class _Mapping:
     start: int
     end: int
     vma: Vma
-    memory: bytearray  # private copy, or the shared file's data
+    memory: bytearray | mmap.mmap  # private copy, or the shared file's data
     offset: int  # where start lies in memory
     readable: bool
     writable: bool
@@ -111,6 +128,7 @@ class SimulatedProcess:
             self._next = addr + size + _PAGE  # leave a hole after each mapping
         if any(m.start < addr + size and m.end > addr for m in self._maps):
             raise ValueError(f"mapping at {addr:#x} overlaps another")
+        memory: bytearray | mmap.mmap
         if file is None:
             memory, mem_offset = bytearray(size), 0
             vma = Vma(addr, addr + size, kind or VmaKind.ANON, shared, writable, readable=readable)
@@ -122,7 +140,7 @@ class SimulatedProcess:
             mem_offset = offset if shared else 0
             vma = Vma(
                 addr, addr + size, kind or file.kind, shared, writable, file.dev, file.ino, offset,
-                readable=readable,
+                fd=file.fd if shared else None, readable=readable,
             )
         mapping = _Mapping(addr, addr + size, vma, memory, mem_offset, readable, writable)
         i = bisect.bisect(self._starts, addr)

@@ -117,6 +117,37 @@ class Backing:
             page_tags[: len(src)] = src
             tagkernel.pack(packed, page_tags)
 
+    def set_granules(self, page: int, first: int, n: int, tag: int) -> None:
+        """A guest's tag store (STG and friends): granules [first, first+n) of one page. The
+        page becomes tagged; its other tags are zero if it was not (the first touch clears)."""
+        index, offset = divmod(page, self.chunk_pages)
+        with self._lock:
+            chunk = self._chunk(index)
+            granule = offset * self.tags_per_page + first
+            tagkernel.fill(chunk.packed, granule, n, tag)
+            tagkernel.bitmap_set(chunk.tagged, offset, 1)
+
+    def find_mismatch(self, page: int, first: int, n: int, tag: int) -> int | None:
+        """A guest's tag-checked access: the first granule of [first, first+n) of a page whose
+        tag is not `tag` (relative to first), or None."""
+        index, offset = divmod(page, self.chunk_pages)
+        chunk = self._chunks.get(index)
+        if chunk is None:
+            return None if tag == 0 else 0
+        granule = offset * self.tags_per_page + first
+        return tagkernel.find_mismatch(chunk.packed, granule, n, tag)
+
+    def read_packed(self, first: int, npages: int, out: memoryview) -> None:
+        """Packed tags (PAGE_SIZE/32 bytes a page) of pages [first, first+npages) into out."""
+        ppp = self.packed_per_page
+        for index, offset, n, before in self._pieces(first, npages):
+            dst = out[before * ppp : (before + n) * ppp]
+            chunk = self._chunks.get(index)
+            if chunk is None:
+                tagkernel.fill_zero(dst)
+            else:
+                dst[:] = memoryview(chunk.packed)[offset * ppp : (offset + n) * ppp]
+
     def is_tagged(self, page: int) -> bool:
         index, offset = divmod(page, self.chunk_pages)
         chunk = self._chunks.get(index)

@@ -80,7 +80,32 @@ KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
 KVM_DIRTY_LOG_MANUAL_CAPS = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
 
 KVM_VM_TYPE_ARM_IPA_SIZE_MASK = 0xFF
-KVM_ARM_VCPU_EL1_32BIT = 1  # feature bit number in kvm_vcpu_init.features[0]
+KVM_ARM_VCPU_POWER_OFF = 0  # feature bit numbers in kvm_vcpu_init.features[0]
+KVM_ARM_VCPU_EL1_32BIT = 1
+KVM_ARM_VCPU_PSCI_0_2 = 2
+KVM_ARM_VCPU_PMU_V3 = 3
+KVM_ARM_TARGET_GENERIC_V8 = 5
+
+# kvm_run.exit_reason values, and what goes with them
+KVM_EXIT_MMIO = 6
+KVM_EXIT_INTR = 10
+KVM_EXIT_INTERNAL_ERROR = 17
+KVM_EXIT_SYSTEM_EVENT = 24
+KVM_SYSTEM_EVENT_CRASH = 3
+KVM_INTERNAL_ERROR_EMULATION = 1
+
+# ONE_REG ids of the arm64 core registers (struct kvm_regs: user_pt_regs first)
+KVM_REG_ARM64 = 0x6000000000000000
+KVM_REG_SIZE_U64 = 0x0030000000000000
+KVM_REG_ARM_CORE = 0x0010 << 16
+
+# --- kvmtag's own extensions ---------------------------------------------------------------------
+# Numbered so they cannot collide with upstream KVM: a capability far above KVM's (which count
+# from 0 and are in the low hundreds), and ioctls of type 'k' (0x6B), which KVM never uses (its
+# fds answer EINVAL to any type but KVMIO).
+KVMTAG_CAP_TAG_LOG = 0x4B540001  # ENABLE_CAP on a VM: save tags when the dirty log cleans
+KVMTAG_GET_TAG_LOG = 0x40286B01  # _IOW('k', 1, struct kvmtag_tag_log)
+KVMTAG_EXT_TAG_LOG = 1 << 0  # bit in the handshake's extensions
 
 # --- structs -------------------------------------------------------------------------------------
 
@@ -134,6 +159,27 @@ kvm_reg_list = cs.Struct(  # followed by n u64 register ids
     "n" / cs.Int64ul,
 )
 
+# struct kvm_run, as far as the exits kvmtag produces: the header, then the exit union at 32.
+kvm_run = cs.Struct(
+    "request_interrupt_window" / cs.Int8ul,
+    "immediate_exit" / cs.Int8ul,
+    "padding1" / cs.Bytes(6),
+    "exit_reason" / cs.Int32ul,
+    "ready_for_interrupt_injection" / cs.Int8ul,
+    "if_flag" / cs.Int8ul,
+    "flags" / cs.Int16ul,
+    "cr8" / cs.Int64ul,
+    "apic_base" / cs.Int64ul,
+)
+KVM_RUN_EXIT_OFFSET = 32  # offsetof(struct kvm_run, mmio) == system_event == internal
+KVM_RUN_SIZE = 2352  # sizeof(struct kvm_run) on arm64
+kvm_run_mmio = cs.Struct(  # kvm_run.mmio
+    "phys_addr" / cs.Int64ul, "data" / cs.Bytes(8), "len" / cs.Int32ul, "is_write" / cs.Int8ul
+)
+kvm_run_system_event = cs.Struct(  # kvm_run.system_event (also .internal: suberror, ndata)
+    "type" / cs.Int32ul, "ndata" / cs.Int32ul, "data" / cs.Array(16, cs.Int64ul)
+)
+
 STRUCTS: dict[str, cs.Struct] = {
     "kvm_arm_copy_mte_tags": kvm_arm_copy_mte_tags,
     "kvm_userspace_memory_region": kvm_userspace_memory_region,
@@ -144,10 +190,27 @@ STRUCTS: dict[str, cs.Struct] = {
     "kvm_vcpu_init": kvm_vcpu_init,
     "kvm_reg_list": kvm_reg_list,
 }
+kvmtag_tag_log = cs.Struct(  # kvmtag's own: KVMTAG_GET_TAG_LOG
+    "slot" / cs.Int32ul,
+    "flags" / cs.Int32ul,  # 0
+    "first_page" / cs.Int64ul,  # a multiple of 64, in the slot
+    "num_pages" / cs.Int64ul,
+    "tags" / cs.Int64ul,  # void __user *: num_pages * PAGE_SIZE/32 bytes of packed tags
+    "valid_bitmap" / cs.Int64ul,  # void __user *: ALIGN(num_pages, 64)/8 bytes
+)
+EXTENSION_STRUCTS: dict[str, cs.Struct] = {"kvmtag_tag_log": kvmtag_tag_log}
+
+# Pieces of structs the header check knows by another C expression (unions, partial structs).
+PARTIAL_STRUCTS: dict[str, cs.Struct] = {
+    "kvm_run": kvm_run,
+    "kvm_run_mmio": kvm_run_mmio,
+    "kvm_run_system_event": kvm_run_system_event,
+}
 
 
 _CODES = {
-    cs.Int16ul: "H", cs.Int32ul: "I", cs.Int64ul: "Q", cs.Int32sl: "i", cs.Int64sl: "q",
+    cs.Int8ul: "B", cs.Int16ul: "H", cs.Int32ul: "I", cs.Int64ul: "Q", cs.Int32sl: "i",
+    cs.Int64sl: "q",
 }
 
 
@@ -168,7 +231,20 @@ def compiled(declaration: cs.Struct) -> struct.Struct:
     return layout
 
 
-LAYOUT: dict[str, struct.Struct] = {name: compiled(decl) for name, decl in STRUCTS.items()}
+LAYOUT: dict[str, struct.Struct] = {
+    name: compiled(decl) for name, decl in (STRUCTS | PARTIAL_STRUCTS | EXTENSION_STRUCTS).items()
+}
+
+
+def core_reg(offset_words: int) -> int:
+    """The ONE_REG id of a core register at offset_words 32-bit words into struct kvm_regs."""
+    return KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | offset_words
+
+
+# x0..x30, then sp, pc, pstate (user_pt_regs: regs[31], sp, pc, pstate, each 8 bytes)
+CORE_REGS: dict[str, int] = {f"x{n}": core_reg(2 * n) for n in range(31)} | {
+    "sp": core_reg(62), "pc": core_reg(64), "pstate": core_reg(66),
+}
 
 # --- the explicit ioctl table --------------------------------------------------------------------
 
@@ -265,9 +341,15 @@ IOCTLS: dict[int, IoctlSpec] = {
         IoctlSpec(
             "KVM_GET_REG_LIST", KVM_GET_REG_LIST, (FdKind.VCPU,), Arg.STRUCT_INOUT, "kvm_reg_list"
         ),
+        IoctlSpec(
+            "KVMTAG_GET_TAG_LOG", KVMTAG_GET_TAG_LOG, (FdKind.VM,), Arg.STRUCT_IN,
+            "kvmtag_tag_log", KVMTAG_CAP_TAG_LOG,
+        ),
     )
 }
 
 CAPABILITIES: dict[str, int] = {
-    name: value for name, value in globals().items() if name.startswith("KVM_CAP_")
+    name: value
+    for name, value in globals().items()
+    if name.startswith(("KVM_CAP_", "KVMTAG_CAP_"))
 }

@@ -15,6 +15,7 @@ from kvmtag import copytags, dirtylog, uapi
 from kvmtag.capabilities import check_extension
 from kvmtag.memslots import Memslot, Memslots, segments_of
 from kvmtag.profiles import HostConfig
+from kvmtag.taglog import SlotTagLog
 from kvmtag.tagstore import TagStore
 from kvmtag.usermem import UserMemory, Vma, VmaKind
 from kvmtag.vcpu import Vcpu
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     IoctlResult = int | Vcpu
 
 KVM_MEM_MAX_NR_PAGES = 2**31 - 1
+TAG_LOG_MAX_BYTES = 4 << 20  # packed tags returned by one KVMTAG_GET_TAG_LOG
 _VALID_MEM_FLAGS = uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_READONLY
 _U64 = 2**64 - 1
 
@@ -39,6 +41,7 @@ class Vm:
         self.ipa_bits = ipa_bits
         self.mte_enabled = False
         self.manual_dirty_log_protect = 0
+        self.tag_log_enabled = False  # kvmtag's extension (kvmtag.taglog)
         self.memslots = Memslots()
         self.vcpus: dict[int, Vcpu] = {}
         # kvm->slots_lock: memslot changes, dirty-log ioctls and COPY_TAGS. A real lock: bulk
@@ -55,6 +58,8 @@ class Vm:
             uapi.KVM_GET_DIRTY_LOG: self._ioctl_get_dirty_log,
             uapi.KVM_CLEAR_DIRTY_LOG: self._ioctl_clear_dirty_log,
             uapi.KVM_ARM_MTE_COPY_TAGS: self._ioctl_mte_copy_tags,
+            uapi.KVM_ARM_PREFERRED_TARGET: self._ioctl_preferred_target,
+            uapi.KVMTAG_GET_TAG_LOG: self._ioctl_get_tag_log,
         }
 
     # --- entry point -----------------------------------------------------------------------------
@@ -104,6 +109,13 @@ class Vm:
             if self.vcpus:
                 return -errno.EINVAL
             self.mte_enabled = True
+            return 0
+        if cap == uapi.KVMTAG_CAP_TAG_LOG:
+            with self.slots_lock, self.dirty_lock:
+                self.tag_log_enabled = True
+                for slot in self.memslots:  # logging already: pages become valid when cleaned
+                    if slot.dirty_bitmap is not None and slot.tag_log is None:
+                        slot.tag_log = SlotTagLog(slot.npages, self.config.packed_per_page)
             return 0
         return -errno.EINVAL
 
@@ -181,18 +193,23 @@ class Vm:
             if vma.kind is VmaKind.OTHER and flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
                 return -errno.EINVAL  # VM_PFNMAP: no dirty logging of IO regions
         # kvm_prepare_memory_region: a slot that keeps logging keeps its bitmap.
-        bitmap = None
+        bitmap, tag_log, fresh = None, None, False
+        initially_set = bool(self.manual_dirty_log_protect & uapi.KVM_DIRTY_LOG_INITIALLY_SET)
         if flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
             if old is not None and old.dirty_bitmap is not None:
-                bitmap = old.dirty_bitmap
+                bitmap, tag_log = old.dirty_bitmap, old.tag_log
             else:
-                initially_set = self.manual_dirty_log_protect & uapi.KVM_DIRTY_LOG_INITIALLY_SET
-                bitmap = dirtylog.new_bitmap(npages, bool(initially_set))
+                bitmap, fresh = dirtylog.new_bitmap(npages, initially_set), True
+                if self.tag_log_enabled:
+                    tag_log = SlotTagLog(npages, self.config.packed_per_page)
         segments = segments_of(vmas, uaddr, npages, self.config.page_size, self.tags, self.process)
-        new = Memslot(slot_id, flags, base_gfn, npages, uaddr, segments, bitmap)
-        if old is not None:
-            self.memslots.remove(old)
-        self.memslots.add(new)
+        new = Memslot(slot_id, flags, base_gfn, npages, uaddr, segments, bitmap, tag_log)
+        with self.dirty_lock:
+            if fresh and tag_log is not None and not initially_set:
+                tag_log.save_all(new)  # logging on write-protects every page: all clean
+            if old is not None:
+                self.memslots.remove(old)
+            self.memslots.add(new)
         return 0
 
     def _mte_allowed(self, vma: Vma) -> bool:
@@ -229,8 +246,10 @@ class Vm:
                     bits = bytes(memslot.dirty_bitmap)
                 else:
                     # Fetched and cleared first: if the copy faults, the bits are lost, as in
-                    # the kernel.
+                    # the kernel. The pages fetched are re-protected: clean, tags saved.
                     bits = dirtylog.fetch_and_clear(memslot.dirty_bitmap)
+                    if memslot.tag_log is not None:
+                        memslot.tag_log.save(memslot, bits)
             if mm.copy_to_user(bitmap_addr, bits) != len(bits):
                 return -errno.EFAULT
             return 0
@@ -262,14 +281,57 @@ class Vm:
                 return -errno.EFAULT
             with self.dirty_lock:
                 dirtylog.clear_masked(memslot.dirty_bitmap, first_page, mask)
+                if memslot.tag_log is not None:
+                    memslot.tag_log.save(memslot, mask, first_page)  # the pages re-protected
             return 0
 
     def mark_page_dirty(self, gfn: int) -> None:
         """The guest stored to frame gfn (data or tags): set its bit if its slot logs."""
         slot = self.memslots.find(gfn)
-        if slot is not None and slot.dirty_bitmap is not None:
+        if slot is not None:
             with self.dirty_lock:
-                dirtylog.mark(slot.dirty_bitmap, gfn - slot.base_gfn)
+                self.page_stored_locked(slot, gfn - slot.base_gfn)
+
+    def page_stored_locked(self, slot: Memslot, page: int) -> None:
+        """A guest store to page (an offset in slot) happened; the dirty lock is held."""
+        if slot.dirty_bitmap is not None:
+            dirtylog.mark(slot.dirty_bitmap, page)
+        if slot.tag_log is not None:
+            slot.tag_log.discard(page)
+
+    # --- KVMTAG_GET_TAG_LOG (kvmtag's extension) -----------------------------------------------
+
+    def _ioctl_get_tag_log(self, mm: UserMemory, arg: int) -> int:
+        fields = _read_struct(mm, arg, "kvmtag_tag_log")
+        if fields is None:
+            return -errno.EFAULT
+        slot, flags, first_page, num_pages, tags_addr, valid_addr = fields
+        if not self.tag_log_enabled or flags:
+            return -errno.EINVAL
+        slot_id = self._dirty_slot_id(slot)
+        if slot_id is None or first_page & 63:
+            return -errno.EINVAL
+        if num_pages * self.config.packed_per_page > TAG_LOG_MAX_BYTES:
+            return -errno.E2BIG
+        with self.slots_lock:
+            memslot = self.memslots.get(slot_id)
+            if memslot is None or memslot.tag_log is None:
+                return -errno.ENOENT
+            if first_page > memslot.npages or num_pages > memslot.npages - first_page:
+                return -errno.EINVAL
+            with self.dirty_lock:
+                tags, valid = memslot.tag_log.read(first_page, num_pages)
+            if mm.copy_to_user(tags_addr, tags) != len(tags):
+                return -errno.EFAULT
+            if mm.copy_to_user(valid_addr, valid) != len(valid):
+                return -errno.EFAULT
+            return 0
+
+    # --- KVM_ARM_PREFERRED_TARGET --------------------------------------------------------------
+
+    def _ioctl_preferred_target(self, mm: UserMemory, arg: int) -> int:
+        init = uapi.LAYOUT["kvm_vcpu_init"].pack(uapi.KVM_ARM_TARGET_GENERIC_V8, *[0] * 7)
+        return 0 if mm.copy_to_user(arg, init) == len(init) else -errno.EFAULT
 
     # --- KVM_ARM_MTE_COPY_TAGS -------------------------------------------------------------------
 

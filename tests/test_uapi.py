@@ -50,6 +50,17 @@ NOT_IN_UAPI_HEADERS: dict[str, str | None] = {
     "KVM_DIRTY_LOG_MANUAL_CAPS": (
         "(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET)"
     ),
+    # Layout facts of struct kvm_run that have no macro of their own.
+    "KVM_RUN_EXIT_OFFSET": "offsetof(struct kvm_run, mmio)",
+    "KVM_RUN_SIZE": "sizeof(struct kvm_run)",
+}
+
+# uapi.PARTIAL_STRUCTS: declarations of a C struct's leading members or of a union member,
+# name -> (C struct, member path prefix). Only offsets and sizes of declared members are checked.
+PARTIAL_STRUCTS: dict[str, tuple[str, str]] = {
+    "kvm_run": ("struct kvm_run", ""),
+    "kvm_run_mmio": ("struct kvm_run", "mmio"),
+    "kvm_run_system_event": ("struct kvm_run", "system_event"),
 }
 
 # Flexible array members after a struct's fixed part, which is all construct declares:
@@ -153,8 +164,39 @@ def layout_checks(
     return checks
 
 
+def partial_checks() -> list[Check]:
+    checks = []
+    for name, declaration in uapi.PARTIAL_STRUCTS.items():
+        c_struct, path = PARTIAL_STRUCTS[name]
+        base = f"offsetof({c_struct}, {path})" if path else "0"
+        prefix = f"{path}." if path else ""
+        offset = 0
+        for sub in declaration.subcons:
+            member = f"(({c_struct} *)0)->{prefix}{sub.name}"
+            where = f"uapi.{name}.{sub.name}"
+            checks.append(Check(
+                f"(offsetof({c_struct}, {prefix}{sub.name}) - {base})", offset, where
+            ))  # fmt: skip
+            checks.append(Check(f"sizeof({member})", sub.sizeof(), f"{where}.sizeof()"))
+            offset += sub.sizeof()
+        assert uapi.LAYOUT[name].size == declaration.sizeof()
+    return checks
+
+
+def core_reg_checks() -> list[Check]:
+    ids = "(KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | KVM_REG_ARM_CORE_REG({}))"
+    fields = {f"x{n}": f"regs.regs[{n}]" for n in range(31)} | {
+        "sp": "regs.sp", "pc": "regs.pc", "pstate": "regs.pstate",
+    }  # fmt: skip
+    return [Check(ids.format(fields[name]), value, f"uapi.CORE_REGS[{name!r}]")
+            for name, value in uapi.CORE_REGS.items()]  # fmt: skip
+
+
 def uapi_checks() -> list[Check]:
-    return constant_checks(uapi_constants()) + layout_checks(uapi.STRUCTS, uapi.LAYOUT)
+    return (
+        constant_checks(uapi_constants()) + layout_checks(uapi.STRUCTS, uapi.LAYOUT)
+        + partial_checks() + core_reg_checks()
+    )  # fmt: skip
 
 
 # --- what the headers say ------------------------------------------------------------------------
@@ -291,14 +333,17 @@ def test_ioctl_table_agrees_with_the_constants() -> None:
         constant = getattr(uapi, spec.name, None)
         if constant != spec.number:
             problems.append(f"{spec.name}: number {spec.number:#x}, uapi.{spec.name} {constant}")
-        if (number >> _IOC_TYPE_SHIFT) & _IOC_TYPE_MASK != uapi.KVMIO:
-            problems.append(f"{spec.name}: {number:#x} is not a KVMIO ioctl")
+        # kvmtag's own ioctls use type 'k', which upstream KVM never does, and own structs.
+        own = spec.name.startswith("KVMTAG_")
+        ioc_type, structs = (0x6B, uapi.EXTENSION_STRUCTS) if own else (uapi.KVMIO, uapi.STRUCTS)
+        if (number >> _IOC_TYPE_SHIFT) & _IOC_TYPE_MASK != ioc_type:
+            problems.append(f"{spec.name}: {number:#x} is not of ioctl type {ioc_type:#x}")
         encoded_size = (number >> _IOC_SIZE_SHIFT) & _IOC_SIZE_MASK
         if spec.struct is None:
             if encoded_size != 0:
                 problems.append(f"{spec.name}: no struct, yet the number encodes {encoded_size}")
-        elif spec.struct not in uapi.STRUCTS:
-            problems.append(f"{spec.name}: struct {spec.struct} is not in uapi.STRUCTS")
+        elif spec.struct not in structs:
+            problems.append(f"{spec.name}: struct {spec.struct} is not declared")
         elif encoded_size != uapi.LAYOUT[spec.struct].size:
             problems.append(
                 f"{spec.name}: number encodes size {encoded_size}, "
@@ -307,7 +352,10 @@ def test_ioctl_table_agrees_with_the_constants() -> None:
         if (spec.struct is None) != (spec.arg in (uapi.Arg.NONE, uapi.Arg.INT)):
             problems.append(f"{spec.name}: argument {spec.arg} with struct {spec.struct}")
         if spec.capability is not None and spec.capability not in uapi.CAPABILITIES.values():
-            problems.append(f"{spec.name}: capability {spec.capability} is not a KVM_CAP_*")
+            problems.append(f"{spec.name}: capability {spec.capability} is not declared")
+    assert not set(uapi.CAPABILITIES.values()) & set(range(1024)) - {
+        v for k, v in uapi.CAPABILITIES.items() if k.startswith("KVM_CAP_")
+    }, "an extension capability must not be numbered where upstream ones are"
     assert not problems, "\n".join(problems)
 
 

@@ -1,0 +1,171 @@
+"""Guest RAM as the emulated CPU reaches it: data through the backing fds, tags in the store.
+
+Data is read and written with pread/pwrite on the descriptor the VMM passed for each shared
+mapping, never through a bare mapping, so a VMM that truncates its memfd makes the access fail
+(KVM_RUN gets EFAULT) instead of raising SIGBUS in the daemon. hugetlbfs refuses pwrite; its
+files are mapped and their size is checked before each access (a truncation racing with that
+check is the one window left, documented in the README).
+
+Every store takes the VM's dirty lock for the data or tag write, the dirty bit and the tag log
+together, so a store racing with KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG is seen in this pass
+or the next, and a page the tag log reports valid has not been stored to since its tags were
+saved.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+from typing import TYPE_CHECKING
+
+from kvmtag.memslots import Memslot, Segment
+
+if TYPE_CHECKING:
+    from kvmtag.vm import Vm
+
+
+class GuestExit(Exception):
+    """The access leaves the guest: the vCPU exits to the VMM."""
+
+
+class MmioExit(GuestExit):
+    """No memslot (or a read-only one, for a write): KVM_EXIT_MMIO, as on arm64."""
+
+    def __init__(self, gpa: int, data: bytes, is_write: bool) -> None:
+        super().__init__(f"MMIO {'write' if is_write else 'read'} at {gpa:#x}")
+        self.gpa, self.data, self.is_write = gpa, data, is_write
+
+
+class TagsOnlyExit(GuestExit):
+    """The page's data cannot be reached by kvmtagd: KVM_EXIT_INTERNAL_ERROR."""
+
+    def __init__(self, gpa: int, why: str) -> None:
+        super().__init__(f"guest RAM at {gpa:#x} is tags-only: {why}")
+        self.gpa = gpa
+
+
+class FaultExit(GuestExit):
+    """The backing memory is gone (a hole, a truncated file): KVM_RUN fails with EFAULT."""
+
+    errno = errno.EFAULT
+
+
+class _HugetlbfsMaps:
+    """hugetlbfs files mapped once per descriptor (pwrite is refused there)."""
+
+    def __init__(self) -> None:
+        self._maps: dict[int, mmap.mmap] = {}
+        self._lock = threading.Lock()
+
+    def get(self, fd: int) -> mmap.mmap:
+        with self._lock:
+            m = self._maps.get(fd)
+            size = os.fstat(fd).st_size
+            if m is None or len(m) != size:
+                m = self._maps[fd] = mmap.mmap(fd, size)
+            return m
+
+
+_hugetlbfs = _HugetlbfsMaps()
+
+
+class GuestMemory:
+    """One VM's guest physical memory, for its vCPUs."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        self.page = vm.config.page_size
+        self.shift = vm.config.page_shift
+
+    def _locate(self, gpa: int, write: bool) -> tuple[Memslot, Segment, int]:
+        """The slot and segment of gpa, and the page offset in the slot."""
+        gfn = gpa >> self.shift
+        slot = self.vm.memslots.find(gfn)
+        if slot is None or (write and slot.readonly):
+            raise MmioExit(gpa, b"", write)
+        page = gfn - slot.base_gfn
+        segment = slot.segment_for(page)
+        if segment is None or not segment.vma.readable or (write and not segment.vma.writable):
+            raise FaultExit(f"no usable VMM mapping behind {gpa:#x}")
+        return slot, segment, page
+
+    def _file_offset(self, segment: Segment, slot: Memslot, gpa: int) -> int:
+        vma = segment.vma
+        uaddr = slot.userspace_addr + gpa - (slot.base_gfn << self.shift)
+        return vma.pgoff + uaddr - vma.start
+
+    def read(self, gpa: int, n: int) -> bytes:
+        """Data of [gpa, gpa+n), within one page."""
+        slot, segment, _ = self._locate(gpa, write=False)
+        fd = self._fd(segment, gpa)
+        offset = self._file_offset(segment, slot, gpa)
+        try:
+            data = os.pread(fd, n, offset)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise FaultExit(f"reading guest RAM at {gpa:#x}: {e.strerror}") from None
+            data = self._hugetlbfs_read(fd, offset, n, gpa)
+        if len(data) != n:
+            raise FaultExit(f"guest RAM at {gpa:#x} is beyond the end of its file")
+        return data
+
+    def check_tags(self, gpa: int, n: int, tag: int) -> int | None:
+        """A tag-checked access of [gpa, gpa+n) within one page: the first granule address whose
+        tag is not `tag`, or None."""
+        _, segment, page = self._locate(gpa, write=False)
+        within = gpa & (self.page - 1)
+        bad = segment.backing.find_mismatch(
+            segment.index + page - segment.first, within // 16, -(-n // 16), tag
+        )
+        return None if bad is None else (gpa & ~15) + 16 * bad
+
+    def store(
+        self, gpa: int, data: bytes, tag: int | None = None, tag_bytes: int | None = None
+    ) -> None:
+        """Write data at gpa (within one page) and, with `tag`, set the tags of the granules of
+        [gpa, gpa + tag_bytes or len(data)) (gpa 16-aligned then): one guest store, logged."""
+        slot, segment, page = self._locate(gpa, write=True)
+        fd = self._fd(segment, gpa)
+        offset = self._file_offset(segment, slot, gpa)
+        vm = self.vm
+        with vm.dirty_lock:
+            # pwrite past the end would grow a file the VMM truncated: check first.
+            if os.fstat(fd).st_size < offset + len(data):
+                raise FaultExit(f"guest RAM at {gpa:#x} is beyond the end of its file")
+            try:
+                done = os.pwrite(fd, data, offset) if data else 0
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise FaultExit(f"writing guest RAM at {gpa:#x}: {e.strerror}") from None
+                done = self._hugetlbfs_write(fd, offset, data, gpa)
+            if done != len(data):
+                raise FaultExit(f"guest RAM at {gpa:#x}: short write")
+            if tag is not None:
+                within = gpa & (self.page - 1)
+                granules = -(-(tag_bytes if tag_bytes is not None else len(data)) // 16)
+                segment.backing.set_granules(
+                    segment.index + page - segment.first, within // 16, granules, tag
+                )
+            vm.page_stored_locked(slot, page)
+
+    def _fd(self, segment: Segment, gpa: int) -> int:
+        fd = segment.vma.fd
+        if fd is None:
+            why = "private or anonymous memory" if not segment.vma.shared else "no descriptor"
+            raise TagsOnlyExit(gpa, why)
+        return fd
+
+    def _hugetlbfs_read(self, fd: int, offset: int, n: int, gpa: int) -> bytes:
+        m = _hugetlbfs.get(fd)
+        if offset + n > len(m):
+            raise FaultExit(f"guest RAM at {gpa:#x} is beyond the end of its file")
+        return m[offset : offset + n]
+
+    def _hugetlbfs_write(self, fd: int, offset: int, data: bytes, gpa: int) -> int:
+        m = _hugetlbfs.get(fd)
+        if offset + len(data) > len(m):
+            raise FaultExit(f"guest RAM at {gpa:#x} is beyond the end of its file")
+        m[offset : offset + len(data)] = data
+        return len(data)
