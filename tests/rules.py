@@ -46,6 +46,7 @@ class World:
     kvm: int
     vm: int = -1
     uaddr: dict[int, int] = field(default_factory=dict)  # slot id -> userspace_addr
+    vcpus: list[int] = field(default_factory=list)
 
     @property
     def page(self) -> int:
@@ -89,7 +90,7 @@ def build(driver: Driver, spec: VmSpec) -> World:
             region(s.id, s.flags, s.gfn * page, s.pages * page, uaddr),
         )
     for i in range(spec.vcpus):
-        driver.ioctl(world.vm, uapi.KVM_CREATE_VCPU, i)
+        world.vcpus.append(driver.ioctl(world.vm, uapi.KVM_CREATE_VCPU, i)[0])
     return world
 
 
@@ -257,6 +258,31 @@ def faulted_page_contents(w: World) -> None:
     else:
         assert got[2 * tpp : 3 * tpp] == bytes(tpp)
     assert got[3 * tpp :] == old[3 * tpp :]
+
+
+def vcpu_init(target: int = uapi.KVM_ARM_TARGET_GENERIC_V8, *features: int) -> bytes:
+    return LAYOUT["kvm_vcpu_init"].pack(target, *(features + (0,) * 7)[:7])
+
+
+@dataclass(frozen=True)
+class VcpuIoctl:
+    """An ioctl on vCPU 0 (after KVM_ARM_VCPU_INIT if `init`). `arg`: a value, struct bytes, or
+    "reg:NAME" / "reg:ID" for a kvm_one_reg pointing at an 8-byte buffer."""
+
+    request: int
+    arg: int | bytes | str = 0
+    init: bool = False
+
+    def __call__(self, w: World) -> int:
+        vcpu = w.vcpus[0]
+        if self.init:
+            w.driver.ioctl(vcpu, uapi.KVM_ARM_VCPU_INIT, vcpu_init())
+        arg = self.arg
+        if isinstance(arg, str):
+            name = arg.removeprefix("reg:")
+            reg = uapi.CORE_REGS[name] if name in uapi.CORE_REGS else int(name, 0)
+            arg = LAYOUT["kvm_one_reg"].pack(reg, w.driver.buffer(8))
+        return w.driver.ioctl(vcpu, self.request, arg)[0]
 
 
 # --- expectations ------------------------------------------------------------------------------
@@ -491,6 +517,32 @@ COPY_TAGS_CASES = [
          VmSpec(slots=(Slot(kind="anon-shared"),)), since="6.2"),
 ]
 
+ONE_VCPU = VmSpec(vcpus=1)
+EL1_32BIT = 1 << uapi.KVM_ARM_VCPU_EL1_32BIT
+
+VCPU_CASES = [
+    Case("preferred target", Ioctl(uapi.KVM_ARM_PREFERRED_TARGET, 0), "EFAULT"),
+    Case("run before init", VcpuIoctl(uapi.KVM_RUN), "ENOEXEC", ONE_VCPU),
+    Case("run with an argument", VcpuIoctl(uapi.KVM_RUN, 1, init=True), "EINVAL", ONE_VCPU),
+    Case("init", VcpuIoctl(uapi.KVM_ARM_VCPU_INIT, vcpu_init()), 0, ONE_VCPU),
+    Case("init twice", VcpuIoctl(uapi.KVM_ARM_VCPU_INIT, vcpu_init(), init=True), 0, ONE_VCPU),
+    Case("init: struct faults", VcpuIoctl(uapi.KVM_ARM_VCPU_INIT, 0), "EFAULT", ONE_VCPU),
+    Case("init: another target", VcpuIoctl(uapi.KVM_ARM_VCPU_INIT, vcpu_init(4)), "EINVAL", ONE_VCPU),
+    Case("init: unknown feature", VcpuIoctl(uapi.KVM_ARM_VCPU_INIT, vcpu_init(5, 1 << 20)), "EINVAL", ONE_VCPU),
+    Case("init: features[1]", VcpuIoctl(uapi.KVM_ARM_VCPU_INIT, vcpu_init(5, 0, 1)), "EINVAL", ONE_VCPU),
+    Case("init: AArch32 in an MTE VM", VcpuIoctl(uapi.KVM_ARM_VCPU_INIT, vcpu_init(5, EL1_32BIT)), "EINVAL", ONE_VCPU),
+    Case("init: AArch32 without MTE", VcpuIoctl(uapi.KVM_ARM_VCPU_INIT, vcpu_init(5, EL1_32BIT)), 0, VmSpec(mte=False, vcpus=1)),
+    Case("get a register before init", VcpuIoctl(uapi.KVM_GET_ONE_REG, "reg:pc"), "ENOEXEC", ONE_VCPU),
+    Case("get a register", VcpuIoctl(uapi.KVM_GET_ONE_REG, "reg:pc", init=True), 0, ONE_VCPU),
+    Case("set a register", VcpuIoctl(uapi.KVM_SET_ONE_REG, "reg:x30", init=True), 0, ONE_VCPU),
+    Case("get an unknown register", VcpuIoctl(uapi.KVM_GET_ONE_REG, "reg:0x6030000000100044", init=True), "ENOENT", ONE_VCPU),
+    Case("one reg: struct faults", VcpuIoctl(uapi.KVM_GET_ONE_REG, 0, init=True), "EFAULT", ONE_VCPU),
+    Case("register list too short", VcpuIoctl(uapi.KVM_GET_REG_LIST, bytes(8), init=True), "E2BIG", ONE_VCPU),
+    Case("register list", VcpuIoctl(uapi.KVM_GET_REG_LIST, (34).to_bytes(8, "little") + bytes(34 * 8), init=True), 0, ONE_VCPU),
+    Case("unknown vCPU ioctl", VcpuIoctl(0xAEFF, init=True), "EINVAL", ONE_VCPU),
+    Case("another ioctl type on a vCPU", VcpuIoctl(0x5401, init=True), "EINVAL", ONE_VCPU),
+]
+
 DIRTY_LOG_CASES = [
     Case("get", GetDirtyLog(), 0, LOGGING),
     Case("get: struct faults", StructFault(uapi.KVM_GET_DIRTY_LOG), "EFAULT", LOGGING),
@@ -523,4 +575,6 @@ DIRTY_LOG_CASES = [
          VmSpec(manual=0, slots=(Slot(flags=LOG),))),
 ]
 
-ALL_CASES = SYSTEM_CASES + VM_CASES + MEMSLOT_CASES + COPY_TAGS_CASES + DIRTY_LOG_CASES
+ALL_CASES = (
+    SYSTEM_CASES + VM_CASES + MEMSLOT_CASES + COPY_TAGS_CASES + DIRTY_LOG_CASES + VCPU_CASES
+)
