@@ -182,13 +182,14 @@ def info(fd: int) -> wire.HelloReply:
 
 
 def _connect(path: str, cloexec: bool) -> int:
-    flags = _socket.SOCK_STREAM | (_socket.SOCK_CLOEXEC if cloexec else 0)
-    sock = _socket.socket(_socket.AF_UNIX, flags)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         sock.connect(path)
-    except BaseException:
+    except OSError as e:
         sock.close()
-        raise
+        raise type(e)(e.errno, f"cannot reach kvmtagd: {e.strerror}", path) from None
+    if not cloexec:
+        sock.set_inheritable(True)  # open() without O_CLOEXEC: the fd survives exec
     return sock.detach()
 
 
@@ -230,6 +231,9 @@ def _exchange(file: _File, fd: int, event: wire.Event) -> wire.Event:
                 return answer
         except wire.ProtocolError as e:
             file.broken = True
+            raise _eio(str(e)) from None
+        except (BrokenPipeError, ConnectionResetError) as e:
+            file.broken = True  # kvmtagd went away
             raise _eio(str(e)) from None
         except BaseException:
             file.broken = True  # interrupted mid-exchange: the stream is out of step

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -84,7 +85,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def listening_socket(path: Path) -> Iterator[socket.socket]:
     """Bind `path` atomically: listen under a temporary name, then rename into place."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    if path.exists() or path.is_symlink():
+    if path.is_symlink() or (path.exists() and not stat.S_ISSOCK(path.stat().st_mode)):
+        raise SystemExit(f"kvmtagd: {path} exists and is not a socket: refusing to replace it")
+    if path.exists():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(str(path))

@@ -3,8 +3,7 @@
 For one ioctl request, copy_from_user / copy_to_user / find_vmas become READ, WRITE and VMAS
 callbacks that the client answers from its own memory, in windows of at most `wire.WINDOW`
 bytes. A struct the client passed as a buffer travels inline with the request and is served
-from here; the model reaches it at INLINE_ADDR, an address no user pointer can have (the top
-page of the address space, kernel space on arm64).
+from here; the model reaches it at INLINE_ADDR, 2**64, which no 64-bit pointer can name.
 
 The model runs on a worker thread; each callback hops back onto the event loop with
 trio.from_thread.run for its round trip, so a large copy never blocks other connections.
@@ -22,7 +21,8 @@ from kvmtag.usermem import Buffer, Vma
 
 log = logging.getLogger("kvmtag.daemon")
 
-INLINE_ADDR = 2**64 - 4096
+# Not a 64-bit value at all, so no pointer inside a struct can ever name the inline struct.
+INLINE_ADDR = 2**64
 Roundtrip = Callable[[wire.Event], Awaitable[wire.Event]]
 
 
@@ -59,6 +59,8 @@ class RemoteMemory:
             assert self.inline is not None
             at = addr - INLINE_ADDR
             return bytes(self.inline[at : at + size])
+        if not 0 <= addr < INLINE_ADDR:
+            return b""  # beyond the inline struct, or no address at all: a fault
         out = bytearray()
         while len(out) < size:
             n = min(self._window, size - len(out))
@@ -85,6 +87,8 @@ class RemoteMemory:
             self.inline[at : at + n] = view[:n]
             self.written_back = True
             return n
+        if not 0 <= addr < INLINE_ADDR:
+            return 0
         done = 0
         while done < len(view):
             n = min(self._window, len(view) - done)

@@ -85,8 +85,11 @@ class Connection:
         """A callback of the request in flight: send it, return the client's answer."""
         await self.send(event)
         answer = await self.next_event()
-        if answer.id != event.id:
-            raise wire.RemoteProtocolError(f"answer for request {answer.id}, not {event.id}")
+        expected = {wire.Read: wire.ReadData, wire.Write: wire.WriteDone, wire.Vmas: wire.VmasData}
+        if answer.id != event.id or not isinstance(answer, expected[type(event)]):
+            _close(getattr(answer, "fds", []))
+            got, asked = type(answer).__name__, type(event).__name__
+            raise wire.RemoteProtocolError(f"{got} {answer.id} in answer to {asked} {event.id}")
         return answer
 
 
@@ -125,30 +128,37 @@ class Server:
         kind = _kind_of(target)
         conn = Connection(sock)
         try:
-            with sock:
-                await self._handshake(conn, kind)
-                while True:
-                    event = await conn.next_event()
-                    if not isinstance(event, wire.Ioctl):
-                        raise wire.RemoteProtocolError(f"{type(event).__name__} out of turn")
-                    reply = await self._dispatch(conn, event, target, process)
-                    try:
-                        await conn.send(reply)
-                    finally:
-                        _close(reply.fds)
+            await self._serve(conn, kind, target, process)
         except ConnectionClosed:
             pass
         except wire.RemoteProtocolError as e:
             log.warning("%s connection of %s broke the protocol: %s", kind.name, process, e)
             with contextlib.suppress(OSError, trio.ClosedResourceError, wire.ProtocolError):
                 await conn.send(wire.Error(0, errno.EPROTO, str(e)))
+                await _drain(sock)
         except (OSError, trio.BrokenResourceError) as e:
             log.info("%s connection of %s: %s", kind.name, process, e)
         finally:
+            sock.close()
             conn.codec.close_stray_fds()
             self._connections[process] -= 1
             if not self._connections[process]:
                 self._release(process)
+
+    async def _serve(
+        self, conn: Connection, kind: wire.FdKind, target: KvmFile | Vm | Vcpu, process: Hashable
+    ) -> None:
+        await self._handshake(conn, kind)
+        while True:
+            event = await conn.next_event()
+            if not isinstance(event, wire.Ioctl):
+                _close(getattr(event, "fds", []))
+                raise wire.RemoteProtocolError(f"{type(event).__name__} out of turn")
+            reply = await self._dispatch(conn, event, target, process)
+            try:
+                await conn.send(reply)
+            finally:
+                _close(reply.fds)
 
     async def _handshake(self, conn: Connection, kind: wire.FdKind) -> None:
         hello = await conn.next_event()
@@ -240,6 +250,18 @@ class Server:
         self.host.release_process(process)
         _close(list(self._held.pop(process, {}).values()))
         log.info("client process %s gone: its memory and tags released", process)
+
+
+async def _drain(sock: trio.socket.SocketType) -> None:
+    """Read and drop what the peer still sends, briefly: closing a Unix socket with unread
+    bytes makes the peer's next read fail with ECONNRESET before it sees our ERROR frame."""
+    sock.shutdown(socket.SHUT_WR)
+    with trio.move_on_after(0.2):
+        for _ in range(64):
+            data, ancdata, _, _ = await sock.recvmsg(_RECV_SIZE, _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
+            _close(_fds_of(ancdata))
+            if not data:
+                break
 
 
 def _kind_of(target: KvmFile | Vm | Vcpu) -> wire.FdKind:

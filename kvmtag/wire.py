@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import construct as cs
@@ -247,8 +248,11 @@ NEED_DATA = _NeedData()
 class Codec:
     """One side of one connection. `daemon=True` on kvmtagd's side.
 
-    Descriptors received with the bytes (SCM_RIGHTS) are queued and attached to the frame
-    that declares them; any descriptor no frame may carry is closed, and is the peer's error.
+    Descriptors arrive (SCM_RIGHTS) with the bytes of the sendmsg that carried them, and a
+    Unix stream socket never merges such a message with bytes sent before it: so the
+    descriptors of one receive_data belong to the frame that starts at its first byte. Any
+    other descriptor (on a frame that starts elsewhere, or that declares another count, or may
+    carry none) is closed, and is the peer's error.
     """
 
     def __init__(self, *, daemon: bool, max_message: int = MAX_MESSAGE) -> None:
@@ -257,13 +261,17 @@ class Codec:
         self._incoming = FROM_CLIENT if daemon else FROM_DAEMON
         self._outgoing = FROM_DAEMON if daemon else FROM_CLIENT
         self._buffer = bytearray()
-        self._fds: list[int] = []
+        self._offset = 0  # stream offset of the buffer's first byte
+        self._marks: list[tuple[int, list[int]]] = []  # (stream offset, descriptors with it)
 
     # reading
 
-    def receive_data(self, data: bytes | bytearray | memoryview, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+    def receive_data(
+        self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()
+    ) -> None:
+        if fds:
+            self._marks.append((self._offset + len(self._buffer), list(fds)))
         self._buffer += data
-        self._fds.extend(fds)
 
     def next_event(self) -> Event | _NeedData:
         buf = self._buffer
@@ -283,13 +291,21 @@ class Codec:
             raise self._violation(f"{kind.name} may not be sent by this peer")
         if nfds and (kind not in MAY_CARRY_FDS or nfds > MAX_FDS):
             raise self._violation(f"{kind.name} may not carry {nfds} descriptors")
+        start = self._offset
+        fds: list[int] = []
+        if self._marks and self._marks[0][0] == start:
+            fds = self._marks[0][1]
+        if len(fds) != nfds:
+            raise self._violation(f"{kind.name} declares {nfds} descriptors, {len(fds)} came")
         if len(buf) < length:
             return NEED_DATA
-        if len(self._fds) < nfds:
-            raise self._violation(f"{kind.name} declares {nfds} descriptors, {len(self._fds)} came")
+        if fds:
+            self._marks.pop(0)
+        if self._marks and self._marks[0][0] < start + length:
+            raise self._violation(f"descriptors inside a {kind.name} frame")
         body = bytes(buf[HEADER_SIZE:length])
         del buf[:length]
-        fds, self._fds = self._fds[:nfds], self._fds[nfds:]
+        self._offset += length
         try:
             return _decode(kind, req_id, body, fds)
         except (ValueError, IndexError) as e:
@@ -298,12 +314,13 @@ class Codec:
 
     def close_stray_fds(self) -> None:
         """Close descriptors that arrived with no frame to claim them."""
-        _close_all(self._fds)
-        self._fds = []
+        for _, fds in self._marks:
+            _close_all(fds)
+        self._marks = []
 
     @property
     def pending_fds(self) -> int:
-        return len(self._fds)
+        return sum(len(fds) for _, fds in self._marks)
 
     @property
     def buffered(self) -> int:
