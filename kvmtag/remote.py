@@ -63,7 +63,9 @@ class RemoteMemory:
             return b""  # beyond the inline struct, or no address at all: a fault
         out = bytearray()
         while len(out) < size:
-            n = min(self._window, size - len(out))
+            n = min(self._window, size - len(out), INLINE_ADDR - addr - len(out))
+            if n <= 0:
+                break  # the address space ends here
             got = self._call(wire.Read(self._req.id, addr + len(out), n))
             if got is None:
                 break
@@ -91,7 +93,9 @@ class RemoteMemory:
             return 0
         done = 0
         while done < len(view):
-            n = min(self._window, len(view) - done)
+            n = min(self._window, len(view) - done, INLINE_ADDR - addr - done)
+            if n <= 0:
+                break
             got = self._call(wire.Write(self._req.id, addr + done, view[done : done + n]))
             if got is None:
                 break

@@ -138,6 +138,8 @@ class Server:
                 await _drain(sock)
         except (OSError, trio.BrokenResourceError) as e:
             log.info("%s connection of %s: %s", kind.name, process, e)
+        except Exception:  # kvmtag's own bug: lose this connection, never the daemon
+            log.exception("%s connection of %s failed; closing it", kind.name, process)
         finally:
             sock.close()
             conn.codec.close_stray_fds()
