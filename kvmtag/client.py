@@ -37,7 +37,7 @@ from kvmtag import procmem, wire
 from kvmtag.usermem import Vma
 
 _ANC_SIZE = _socket.CMSG_SPACE(wire.MAX_FDS * 4)
-_RECV_SIZE = 256 * 1024
+_RECV_SIZE = wire.MAX_MESSAGE  # a whole bulk frame in one receive when the socket has it
 
 
 def device_path() -> str:
@@ -81,6 +81,15 @@ class _File:
 
 
 _files: dict[tuple[int, int], _File] = {}
+_local = threading.local()
+
+
+def _rbuf() -> bytearray:
+    """This thread's receive buffer (one bulk frame), reused across requests."""
+    buf: bytearray | None = getattr(_local, "rbuf", None)
+    if buf is None:
+        buf = _local.rbuf = bytearray(_RECV_SIZE)
+    return buf
 _files_lock = threading.Lock()
 
 
@@ -244,7 +253,9 @@ def _exchange(file: _File, fd: int, event: wire.Event) -> wire.Event:
 
 def _serve_callback(sock: _socket.socket, codec: wire.Codec, ask: wire.Event) -> None:
     if isinstance(ask, wire.Read):
-        _send(sock, codec, wire.ReadData(ask.id, procmem.read_memory(ask.addr, ask.size)))
+        buf = bytearray(min(ask.size, wire.WINDOW))
+        got = procmem.read_into(ask.addr, buf)
+        _send(sock, codec, wire.ReadData(ask.id, memoryview(buf)[:got]))
     elif isinstance(ask, wire.Write):
         _send(sock, codec, wire.WriteDone(ask.id, procmem.write_memory(ask.addr, ask.data)))
     else:
@@ -271,13 +282,16 @@ def _limit_fds(vmas: list[Vma]) -> list[Vma]:
 
 
 def _send(sock: _socket.socket, codec: wire.Codec, event: wire.Event) -> None:
-    data, fds = codec.send(event)
-    if fds:
-        anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds))]
-        sent = sock.sendmsg([data], anc)
-        data = data[sent:]
-    if data:
-        sock.sendall(data)
+    parts, fds = codec.frame(event)
+    anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sent = sock.sendmsg(parts, anc)  # one iovec: bulk data is never copied into a frame
+    for part in parts:
+        view = memoryview(part).cast("B")
+        if sent >= len(view):
+            sent -= len(view)
+            continue
+        sock.sendall(view[sent:])
+        sent = 0
 
 
 def _receive(sock: _socket.socket, codec: wire.Codec) -> wire.Event:
@@ -285,17 +299,17 @@ def _receive(sock: _socket.socket, codec: wire.Codec) -> wire.Event:
         event = codec.next_event()
         if event is not wire.NEED_DATA:
             return event  # type: ignore[return-value]
-        data, anc, flags, _ = sock.recvmsg(_RECV_SIZE, _ANC_SIZE, _socket.MSG_CMSG_CLOEXEC)
+        n, anc, flags, _ = sock.recvmsg_into([_rbuf()], _ANC_SIZE, _socket.MSG_CMSG_CLOEXEC)
         fds = [fd for level, kind, raw in anc
                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
                for fd in array.array("i", raw[: len(raw) - len(raw) % 4])]  # fmt: skip
         if flags & _socket.MSG_CTRUNC:
             _close_fds(fds)
             raise wire.RemoteProtocolError("descriptors truncated")
-        if not data:
+        if not n:
             _close_fds(fds)
             raise wire.RemoteProtocolError("kvmtagd closed the connection")
-        codec.receive_data(data, fds)
+        codec.receive_data(memoryview(_rbuf())[:n], fds)
 
 
 def _adopt_new_file(parent: _File, fds: list[int]) -> int:

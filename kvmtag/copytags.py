@@ -18,7 +18,7 @@ from kvmtag.uapi import KVM_ARM_TAGS_FROM_GUEST
 from kvmtag.usermem import UserMemory
 
 INT_MAX = 2**31 - 1
-WINDOW_TAG_BYTES = 1 << 20  # tag bytes moved per window: 64 MiB of guest at 4 KiB pages
+WINDOW_TAG_BYTES = 4 << 20  # tag bytes moved per window: 256 MiB of guest at 4 KiB pages
 
 
 class CopyTagsArgs:

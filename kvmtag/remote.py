@@ -61,20 +61,22 @@ class RemoteMemory:
             return bytes(self.inline[at : at + size])
         if not 0 <= addr < INLINE_ADDR:
             return b""  # beyond the inline struct, or no address at all: a fault
-        out = bytearray()
-        while len(out) < size:
-            n = min(self._window, size - len(out), INLINE_ADDR - addr - len(out))
+        pieces: list[Buffer] = []
+        done = 0
+        while done < size:
+            n = min(self._window, size - done, INLINE_ADDR - addr - done)
             if n <= 0:
                 break  # the address space ends here
-            got = self._call(wire.Read(self._req.id, addr + len(out), n))
+            got = self._call(wire.Read(self._req.id, addr + done, n))
             if got is None:
                 break
             if not isinstance(got, wire.ReadData) or len(got.data) > n:
                 raise wire.RemoteProtocolError(f"READ answered with {got!r:.80}")
-            out += got.data
+            pieces.append(got.data)
+            done += len(got.data)
             if len(got.data) < n:
                 break
-        return out
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def copy_to_user(self, addr: int, data: Buffer) -> int:
         view = memoryview(data).cast("B")

@@ -36,7 +36,7 @@ _ON_LOOP = {
     uapi.KVM_GET_API_VERSION, uapi.KVM_CREATE_VM, uapi.KVM_CHECK_EXTENSION,
     uapi.KVM_GET_VCPU_MMAP_SIZE, uapi.KVM_CREATE_VCPU, uapi.KVM_ENABLE_CAP,
 }  # fmt: skip
-_RECV_SIZE = 256 * 1024
+_RECV_SIZE = wire.MAX_MESSAGE  # a whole bulk frame in one receive when the socket has it
 _ANC_SIZE = socket.CMSG_SPACE(wire.MAX_FDS * 4)
 MAX_HELD_FDS = 1024  # backing-memory fds held per client process
 
@@ -51,35 +51,39 @@ class Connection:
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.sock = sock
         self.codec = wire.Codec(daemon=True)
+        # Received into, then handed to the codec; small until bulk data arrives (a daemon
+        # serves many connections, most of which only ever carry small ioctls).
+        self._rbuf = bytearray(65536)
 
     async def next_event(self) -> wire.Event:
         while True:
             event = self.codec.next_event()
             if event is not wire.NEED_DATA:
                 return event  # type: ignore[return-value]
-            data, ancdata, flags, _ = await self.sock.recvmsg(
-                _RECV_SIZE, _ANC_SIZE, socket.MSG_CMSG_CLOEXEC
+            n, ancdata, flags, _ = await self.sock.recvmsg_into(
+                [self._rbuf], _ANC_SIZE, socket.MSG_CMSG_CLOEXEC
             )
             fds = _fds_of(ancdata)
             if flags & socket.MSG_CTRUNC:
                 _close(fds)
                 raise wire.RemoteProtocolError("too many descriptors in one message")
-            if not data:
+            if not n:
                 _close(fds)
                 raise ConnectionClosed
-            self.codec.receive_data(data, fds)
+            self.codec.receive_data(memoryview(self._rbuf)[:n], fds)
+            if n == len(self._rbuf) < _RECV_SIZE:
+                self._rbuf = bytearray(_RECV_SIZE)
 
     async def send(self, event: wire.Event) -> None:
-        data, fds = self.codec.send(event)
-        view = memoryview(data)
-        if fds:
-            sent = await self.sock.sendmsg(
-                [view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-            )
-            view = view[sent:]
-        while view:
-            sent = await self.sock.send(view)
-            view = view[sent:]
+        parts, fds = self.codec.frame(event)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        sent = await self.sock.sendmsg(parts, anc)  # bulk data goes out without a copy
+        for part in parts:
+            view = memoryview(part).cast("B")
+            while sent < len(view):
+                view = view[sent:]
+                sent = await self.sock.send(view)
+            sent -= len(view)
 
     async def roundtrip(self, event: wire.Event) -> wire.Event:
         """A callback of the request in flight: send it, return the client's answer."""

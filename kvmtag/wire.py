@@ -32,7 +32,7 @@ from kvmtag.usermem import Vma, VmaKind
 MAGIC = b"KVMT"
 VERSION = (1, 0)
 MAX_FDS = 32  # descriptors in one frame
-WINDOW = 1 << 20  # bytes of user memory moved by one READ or WRITE callback
+WINDOW = 4 << 20  # bytes of user memory moved by one READ or WRITE callback
 MAX_MESSAGE = WINDOW + 4096  # largest frame either side sends or accepts
 
 
@@ -303,8 +303,12 @@ class Codec:
             self._marks.pop(0)
         if self._marks and self._marks[0][0] < start + length:
             raise self._violation(f"descriptors inside a {kind.name} frame")
-        body = bytes(buf[HEADER_SIZE:length])
-        del buf[:length]
+        if len(buf) == length and length > 65536:  # a bulk frame, alone: hand the buffer over
+            body: bytes | memoryview = memoryview(buf)[HEADER_SIZE:]
+            self._buffer = bytearray()
+        else:
+            body = bytes(buf[HEADER_SIZE:length])
+            del buf[:length]
         self._offset += length
         try:
             return _decode(kind, req_id, body, fds)
@@ -334,15 +338,26 @@ class Codec:
 
     def send(self, event: Event) -> tuple[bytes, list[int]]:
         """The frame for event, and the descriptors to pass with it."""
+        parts, fds = self.frame(event)
+        return b"".join(parts), fds
+
+    def frame(self, event: Event) -> tuple[list[bytes | bytearray | memoryview], list[int]]:
+        """The frame for event as buffers to send in order (bulk data is not copied: give them
+        to sendmsg as an iovec), and the descriptors to pass with the first byte."""
         kind, body, fds = _encode(event)
         if kind not in self._outgoing:
             raise LocalProtocolError(f"{kind.name} may not be sent from this side")
         if (fds and kind not in MAY_CARRY_FDS) or len(fds) > MAX_FDS:
             raise LocalProtocolError(f"{kind.name} may not carry {len(fds)} descriptors")
-        length = HEADER_SIZE + len(body)
+        head, bulk = body if isinstance(body, tuple) else (body, b"")
+        length = HEADER_SIZE + len(head) + memoryview(bulk).nbytes
         if length > self.max_message:
             raise LocalProtocolError(f"{kind.name} of {length} bytes exceeds {self.max_message}")
-        return _HEADER.pack(length, kind, len(fds), event.id, 0) + body, fds
+        header = _HEADER.pack(length, kind, len(fds), event.id, 0)
+        parts: list[bytes | bytearray | memoryview] = [header + bytes(head)]
+        if bulk:
+            parts.append(bulk)
+        return parts, fds
 
 
 def _close_all(fds: list[int]) -> None:
@@ -351,7 +366,11 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
 
 
-def _encode(event: Event) -> tuple[MessageType, bytes, list[int]]:
+Body = bytes | bytearray | memoryview | tuple[bytes, bytes | bytearray | memoryview]
+
+
+def _encode(event: Event) -> tuple[MessageType, Body, list[int]]:
+    """The frame's type, body (or a fixed part and a bulk part, never copied) and descriptors."""
     if isinstance(event, Hello):
         return MessageType.HELLO, _HELLO.pack(MAGIC, event.major, event.minor, event.flags), []
     if isinstance(event, HelloReply):
@@ -374,9 +393,9 @@ def _encode(event: Event) -> tuple[MessageType, bytes, list[int]]:
     if isinstance(event, Read):
         return MessageType.READ, _READ.pack(event.addr, event.size), []
     if isinstance(event, ReadData):
-        return MessageType.READ_DATA, bytes(event.data), []
+        return MessageType.READ_DATA, event.data, []
     if isinstance(event, Write):
-        return MessageType.WRITE, _WRITE.pack(event.addr) + bytes(event.data), []
+        return MessageType.WRITE, (_WRITE.pack(event.addr), event.data), []
     if isinstance(event, WriteDone):
         return MessageType.WRITE_DONE, _WRITE_DONE.pack(event.written), []
     if isinstance(event, Vmas):
@@ -397,14 +416,16 @@ def _encode(event: Event) -> tuple[MessageType, bytes, list[int]]:
     raise LocalProtocolError(f"not an event: {event!r}")
 
 
-def _fixed(layout: object, body: bytes, exact: bool = True) -> tuple[int | bytes, ...]:
+def _fixed(
+    layout: object, body: bytes | memoryview, exact: bool = True
+) -> tuple[int | bytes, ...]:
     size = layout.size  # type: ignore[attr-defined]
     if len(body) < size or (exact and len(body) != size):
         raise ValueError(f"body of {len(body)} bytes, expected {size}")
     return layout.unpack_from(body)  # type: ignore[attr-defined, no-any-return]
 
 
-def _decode(kind: MessageType, req_id: int, body: bytes, fds: list[int]) -> Event:
+def _decode(kind: MessageType, req_id: int, body: bytes | memoryview, fds: list[int]) -> Event:
     if kind is MessageType.HELLO:
         magic, major, minor, flags = _fixed(_HELLO, body)
         if magic != MAGIC:
@@ -423,7 +444,7 @@ def _decode(kind: MessageType, req_id: int, body: bytes, fds: list[int]) -> Even
     if kind is MessageType.IOCTL:
         request, flags, arg = _fixed(_IOCTL, body, exact=False)
         assert isinstance(flags, int)
-        rest = body[_IOCTL.size :]
+        rest = bytes(body[_IOCTL.size :])
         if not flags & IOCTL_INLINE and rest:
             raise ValueError("inline bytes without IOCTL_INLINE")
         inline = rest if flags & IOCTL_INLINE else None
@@ -431,7 +452,7 @@ def _decode(kind: MessageType, req_id: int, body: bytes, fds: list[int]) -> Even
     if kind is MessageType.REPLY:
         result, err, flags = _fixed(_REPLY, body, exact=False)
         assert isinstance(flags, int)
-        back = body[_REPLY.size :] if flags & REPLY_WRITTEN_BACK else None
+        back = bytes(body[_REPLY.size :]) if flags & REPLY_WRITTEN_BACK else None
         return Reply(req_id, int(result), int(err), back, fds)
     if kind is MessageType.READ:
         addr, size = _fixed(_READ, body)
@@ -450,10 +471,10 @@ def _decode(kind: MessageType, req_id: int, body: bytes, fds: list[int]) -> Even
     if kind is MessageType.VMAS_DATA:
         return _decode_vmas(req_id, body, fds)
     code, = _fixed(_ERROR, body, exact=False)  # fmt: skip
-    return Error(req_id, int(code), body[_ERROR.size :].decode(errors="replace"))
+    return Error(req_id, int(code), bytes(body[_ERROR.size :]).decode(errors="replace"))
 
 
-def _decode_vmas(req_id: int, body: bytes, fds: list[int]) -> VmasData:
+def _decode_vmas(req_id: int, body: bytes | memoryview, fds: list[int]) -> VmasData:
     count, _pad = _fixed(_VMAS_DATA, body, exact=False)
     assert isinstance(count, int)
     if len(body) != _VMAS_DATA.size + count * _VMA.size:

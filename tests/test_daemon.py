@@ -674,11 +674,12 @@ def test_a_client_claiming_memory_at_the_top_of_the_address_space_crashes_nothin
     memory can be: a fault for that request, never an exception that ends the daemon."""
     with running_kvmtagd(tmp_path) as (path, proc):
         good = Vmm(path)
-        liar = Vmm(path, npages=8192)  # 32 MiB of guest RAM: two 1 MiB windows of tags
+        npages = 2 * wire.WINDOW // TPP  # guest RAM whose tags fill two windows
+        liar = Vmm(path, npages=npages)
         try:
             with Raw(socket.socket(fileno=os.dup(liar.vm))) as raw:
                 top = 2**64 - wire.WINDOW
-                args = copy_tags(GPA, 8192 * PAGE, top, TO)
+                args = copy_tags(GPA, npages * PAGE, top, TO)
                 raw.send_event(wire.Ioctl(500, COPY_TAGS, 0, args, True))
                 ask = raw.receive()
                 assert isinstance(ask, wire.Read) and (ask.addr, ask.size) == (top, wire.WINDOW)
@@ -686,7 +687,7 @@ def test_a_client_claiming_memory_at_the_top_of_the_address_space_crashes_nothin
                 answer = raw.receive()  # the second window would start at 2**64
                 assert answer is None or isinstance(answer, wire.Reply | wire.Error), answer
                 if isinstance(answer, wire.Reply):  # the first window was done, then a fault
-                    assert (answer.result, answer.errno) == (4096 * PAGE, 0)
+                    assert (answer.result, answer.errno) == (npages // 2 * PAGE, 0)
             try:
                 still_serving(path, good, proc.pid)
             except OSError as e:
