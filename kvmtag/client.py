@@ -225,7 +225,8 @@ def _exchange(file: _File, fd: int, event: wire.Event) -> wire.Event:
     with file.lock:
         if file.broken:
             raise _eio("the connection was broken earlier")
-        sock = _socket.socket(fileno=fd)
+        # Family and type given: no getsockopt calls to discover them on every request.
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fileno=fd)
         try:
             _send(sock, file.codec, event)
             while True:
