@@ -43,16 +43,18 @@ ffibuilder.cdef(
     size_t kt_bitmap_andnot(uint64_t *bitmap, uint64_t *mask, size_t nwords);
     void kt_bitmap_set(uint8_t *bitmap, size_t first, size_t n);
     size_t kt_bitmap_count(const uint8_t *bitmap, size_t first, size_t n);
+    int kt_guard_install(void);
+    int kt_guarded_copy(void *dst, const void *src, size_t n);
     """
 )
 
 ffibuilder.set_source(
     "kvmtag._tagkernel",
-    '#include "tagkernel.h"',
+    '#include "tagkernel.h"\n#include "guarded.h"',
     # Relative to the project root, the build's working directory (setuptools runs there, and
     # compile() below moves there): distutils puts each object file at build_temp/<source path>,
     # so an absolute path would recreate /work/... inside the tree.
-    sources=[str((CDEFS / "tagkernel.c").relative_to(PROJECT_ROOT))],
+    sources=[str((CDEFS / name).relative_to(PROJECT_ROOT)) for name in ("tagkernel.c", "guarded.c")],
     include_dirs=[str(CDEFS)],
     # -O3: gcc vectorises the pack/unpack byte loops only at -O3 (gcc 12 at -O2: 0.28× memcpy
     # instead of 1.2×; see tagkernel.c). No -march: the extension must run on any CPU of its

@@ -1,10 +1,10 @@
 """Guest RAM as the emulated CPU reaches it: data through the backing fds, tags in the store.
 
-Data is read and written with pread/pwrite on the descriptor the VMM passed for each shared
-mapping, never through a bare mapping, so a VMM that truncates its memfd makes the access fail
-(KVM_RUN gets EFAULT) instead of raising SIGBUS in the daemon. hugetlbfs refuses pwrite; its
-files are mapped and their size is checked before each access (a truncation racing with that
-check is the one window left, documented in the README).
+Data is reached through a mapping of the descriptor the VMM passed for each shared mapping
+(memfd, tmpfs, hugetlbfs alike), always with copies guarded in C (kvmtag.tagkernel.guarded_copy):
+a VMM may truncate its file at any moment, and the page that then raises SIGBUS makes the
+access fail (KVM_RUN gets EFAULT) instead of ending the daemon. Nothing is ever written past
+the file's end, so the VMM's truncation sticks (pwrite would grow the file back).
 
 Every store takes the VM's dirty lock for the data or tag write, the dirty bit and the tag log
 together, so a store racing with KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG is seen in this pass
@@ -15,11 +15,13 @@ saved.
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import threading
 from typing import TYPE_CHECKING
 
+from kvmtag import tagkernel
 from kvmtag.memslots import Memslot, Segment
 
 if TYPE_CHECKING:
@@ -52,23 +54,28 @@ class FaultExit(GuestExit):
     errno = errno.EFAULT
 
 
-class _HugetlbfsMaps:
-    """hugetlbfs files mapped once per descriptor (pwrite is refused there)."""
+class _Mappings:
+    """The backing files of one VM, each mapped once (again when it has grown)."""
 
     def __init__(self) -> None:
         self._maps: dict[int, mmap.mmap] = {}
         self._lock = threading.Lock()
 
-    def get(self, fd: int) -> mmap.mmap:
-        with self._lock:
-            m = self._maps.get(fd)
-            size = os.fstat(fd).st_size
-            if m is None or len(m) != size:
-                m = self._maps[fd] = mmap.mmap(fd, size)
-            return m
-
-
-_hugetlbfs = _HugetlbfsMaps()
+    def view(self, fd: int, offset: int, n: int, gpa: int) -> memoryview:
+        """[offset, offset+n) of the file behind fd."""
+        m = self._maps.get(fd)
+        if m is None or offset + n > len(m):
+            with self._lock:
+                try:
+                    size = os.fstat(fd).st_size
+                    if offset + n > size:
+                        raise FaultExit(f"guest RAM at {gpa:#x} is beyond the end of its file")
+                    readonly = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+                    access = mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE
+                    m = self._maps[fd] = mmap.mmap(fd, size, access=access)
+                except OSError as e:
+                    raise FaultExit(f"mapping guest RAM at {gpa:#x}: {e.strerror}") from None
+        return memoryview(m)[offset : offset + n]
 
 
 class GuestMemory:
@@ -78,6 +85,9 @@ class GuestMemory:
         self.vm = vm
         self.page = vm.config.page_size
         self.shift = vm.config.page_shift
+        # Per VM: the fds it holds live as long as the VM's process, so a number in this
+        # cache is never another file's.
+        self._maps = _Mappings()
 
     def _locate(self, gpa: int, write: bool) -> tuple[Memslot, Segment, int]:
         """The slot and segment of gpa, and the page offset in the slot."""
@@ -99,17 +109,11 @@ class GuestMemory:
     def read(self, gpa: int, n: int) -> bytes:
         """Data of [gpa, gpa+n), within one page."""
         slot, segment, _ = self._locate(gpa, write=False)
-        fd = self._fd(segment, gpa)
-        offset = self._file_offset(segment, slot, gpa)
-        try:
-            data = os.pread(fd, n, offset)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise FaultExit(f"reading guest RAM at {gpa:#x}: {e.strerror}") from None
-            data = self._hugetlbfs_read(fd, offset, n, gpa)
-        if len(data) != n:
-            raise FaultExit(f"guest RAM at {gpa:#x} is beyond the end of its file")
-        return data
+        src = self._maps.view(self._fd(segment, gpa), self._file_offset(segment, slot, gpa), n, gpa)
+        out = bytearray(n)
+        if not tagkernel.guarded_copy(out, src):
+            raise FaultExit(f"guest RAM at {gpa:#x} was truncated by the VMM")
+        return bytes(out)
 
     def check_tags(self, gpa: int, n: int, tag: int) -> int | None:
         """A tag-checked access of [gpa, gpa+n) within one page: the first granule address whose
@@ -128,20 +132,13 @@ class GuestMemory:
         [gpa, gpa + tag_bytes or len(data)) (gpa 16-aligned then): one guest store, logged."""
         slot, segment, page = self._locate(gpa, write=True)
         fd = self._fd(segment, gpa)
-        offset = self._file_offset(segment, slot, gpa)
+        dst = self._maps.view(fd, self._file_offset(segment, slot, gpa), len(data), gpa)
         vm = self.vm
         with vm.dirty_lock:
-            # pwrite past the end would grow a file the VMM truncated: check first.
-            if os.fstat(fd).st_size < offset + len(data):
-                raise FaultExit(f"guest RAM at {gpa:#x} is beyond the end of its file")
-            try:
-                done = os.pwrite(fd, data, offset) if data else 0
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise FaultExit(f"writing guest RAM at {gpa:#x}: {e.strerror}") from None
-                done = self._hugetlbfs_write(fd, offset, data, gpa)
-            if done != len(data):
-                raise FaultExit(f"guest RAM at {gpa:#x}: short write")
+            if data and dst.readonly:
+                raise FaultExit(f"guest RAM at {gpa:#x}: the VMM's descriptor is read-only")
+            if data and not tagkernel.guarded_copy(dst, data):
+                raise FaultExit(f"guest RAM at {gpa:#x} was truncated by the VMM")
             if tag is not None:
                 within = gpa & (self.page - 1)
                 granules = -(-(tag_bytes if tag_bytes is not None else len(data)) // 16)
@@ -156,16 +153,3 @@ class GuestMemory:
             why = "private or anonymous memory" if not segment.vma.shared else "no descriptor"
             raise TagsOnlyExit(gpa, why)
         return fd
-
-    def _hugetlbfs_read(self, fd: int, offset: int, n: int, gpa: int) -> bytes:
-        m = _hugetlbfs.get(fd)
-        if offset + n > len(m):
-            raise FaultExit(f"guest RAM at {gpa:#x} is beyond the end of its file")
-        return m[offset : offset + n]
-
-    def _hugetlbfs_write(self, fd: int, offset: int, data: bytes, gpa: int) -> int:
-        m = _hugetlbfs.get(fd)
-        if offset + len(data) > len(m):
-            raise FaultExit(f"guest RAM at {gpa:#x} is beyond the end of its file")
-        m[offset : offset + len(data)] = data
-        return len(data)

@@ -314,3 +314,18 @@ def bitmap_count(bitmap: ReadableBuffer, first: int, n: int) -> int:
     with _readable(bitmap, "bitmap") as bm:
         first, n = _check_range(first, n, 8 * len(bm), "bitmap", "bit")
         return int(lib.kt_bitmap_count(bm, first, n))
+
+
+# --- copies that survive SIGBUS (memory a VMM may truncate under kvmtagd) -------------------------
+
+
+def guarded_copy(dst: WriteableBuffer, src: ReadableBuffer) -> bool:
+    """Copy src into dst (same length); False if either raised SIGBUS (a truncated file's
+    page), in which case dst holds an unspecified prefix. Both are typically slices of an mmap
+    of a VMM's memfd or hugetlbfs file."""
+    d, s = _writable(dst, "dst"), _readable(src, "src")
+    if len(d) != len(s):
+        raise ValueError(f"dst is {len(d)} bytes, src {len(s)}")
+    if lib.kt_guard_install() != 0:
+        raise OSError(ffi.errno, "sigaction(SIGBUS)")
+    return bool(lib.kt_guarded_copy(d, s, len(d)) == 0)

@@ -398,3 +398,28 @@ def test_large_bitmaps() -> None:
     assert tk.bitmap_count(mask, 3, nbits - 3) + tk.bitmap_count(mask, 0, 3) == expected
     tk.bitmap_set(bitmap, 5, nbits - 11)
     assert tk.bitmap_count(bitmap, 5, nbits - 11) == nbits - 11
+
+
+# --- guarded copies -----------------------------------------------------------------------------
+
+
+def test_guarded_copy_survives_a_truncated_file() -> None:
+    fd = os.memfd_create("guarded", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 8192)
+        mapping = mmap.mmap(fd, 8192)
+        tail = memoryview(mapping)[4096:]
+        out = bytearray(4096)
+        assert tk.guarded_copy(tail, b"\x5a" * 4096)
+        assert tk.guarded_copy(out, tail) and out == b"\x5a" * 4096
+        os.ftruncate(fd, 4096)  # the VMM shrinks its memfd under us: SIGBUS, caught
+        assert not tk.guarded_copy(out, tail)
+        assert not tk.guarded_copy(tail, bytes(4096))
+        assert os.fstat(fd).st_size == 4096  # nothing grew the file back
+        assert tk.guarded_copy(out, memoryview(mapping)[:4096])  # the rest still works
+        with pytest.raises(ValueError):
+            tk.guarded_copy(out, b"short")
+        tail.release()
+        mapping.close()
+    finally:
+        os.close(fd)
