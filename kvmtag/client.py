@@ -300,7 +300,9 @@ def _receive(sock: _socket.socket, codec: wire.Codec) -> wire.Event:
         event = codec.next_event()
         if event is not wire.NEED_DATA:
             return event  # type: ignore[return-value]
-        n, anc, flags, _ = sock.recvmsg_into([_rbuf()], _ANC_SIZE, _socket.MSG_CMSG_CLOEXEC)
+        room = codec.receive_into()  # a bulk frame: straight into its own buffer
+        target = room if room is not None else _rbuf()
+        n, anc, flags, _ = sock.recvmsg_into([target], _ANC_SIZE, _socket.MSG_CMSG_CLOEXEC)
         fds = [fd for level, kind, raw in anc
                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
                for fd in array.array("i", raw[: len(raw) - len(raw) % 4])]  # fmt: skip
@@ -310,7 +312,10 @@ def _receive(sock: _socket.socket, codec: wire.Codec) -> wire.Event:
         if not n:
             _close_fds(fds)
             raise wire.RemoteProtocolError("kvmtagd closed the connection")
-        codec.receive_data(memoryview(_rbuf())[:n], fds)
+        if room is not None:
+            codec.received(n, fds)
+        else:
+            codec.receive_data(memoryview(target)[:n], fds)
 
 
 def _adopt_new_file(parent: _File, fds: list[int]) -> int:

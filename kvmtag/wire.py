@@ -137,6 +137,8 @@ _VMAS_DATA = compiled(vmas_data)
 _VMA = compiled(vma_record)
 _ERROR = compiled(error)
 HEADER_SIZE = _HEADER.size
+_LENGTH = compiled(cs.Struct("length" / cs.Int32ul))
+_BULK = 65536  # frames larger than this are received in place and handed over without a copy
 
 # --- events ------------------------------------------------------------------------------------
 
@@ -261,6 +263,7 @@ class Codec:
         self._incoming = FROM_CLIENT if daemon else FROM_DAEMON
         self._outgoing = FROM_DAEMON if daemon else FROM_CLIENT
         self._buffer = bytearray()
+        self._filled = 0  # bytes of _buffer received (it is presized for a large frame)
         self._offset = 0  # stream offset of the buffer's first byte
         self._marks: list[tuple[int, list[int]]] = []  # (stream offset, descriptors with it)
 
@@ -270,12 +273,44 @@ class Codec:
         self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()
     ) -> None:
         if fds:
-            self._marks.append((self._offset + len(self._buffer), list(fds)))
-        self._buffer += data
+            self._marks.append((self._offset + self._filled, list(fds)))
+        view = memoryview(data).cast("B")
+        room = len(self._buffer) - self._filled
+        if room:  # a presized frame: fill it first
+            k = min(room, len(view))
+            self._buffer[self._filled : self._filled + k] = view[:k]
+            self._filled += k
+            view = view[k:]
+            if not len(view):
+                return
+        self._buffer += view
+        self._filled = len(self._buffer)
+
+    def receive_into(self) -> memoryview | None:
+        """Room for the rest of a large frame whose header has arrived: receive straight into
+        it (recvmsg_into), then call received(). None: use receive_data. Call next_event first,
+        so the header has been checked."""
+        if self._filled < HEADER_SIZE:
+            return None
+        (length,) = _LENGTH.unpack_from(self._buffer)
+        if length <= _BULK or length > self.max_message or self._filled >= length:
+            return None
+        if len(self._buffer) < length:
+            frame = bytearray(length)
+            frame[: self._filled] = self._buffer[: self._filled]
+            self._buffer = frame
+        return memoryview(self._buffer)[self._filled : length]
+
+    def received(self, n: int, fds: Sequence[int] = ()) -> None:
+        """n bytes arrived in the room receive_into() gave (with these descriptors)."""
+        if fds:
+            self._marks.append((self._offset + self._filled, list(fds)))
+        self._filled += n
 
     def next_event(self) -> Event | _NeedData:
         buf = self._buffer
-        if len(buf) < HEADER_SIZE:
+        filled = self._filled
+        if filled < HEADER_SIZE:
             return NEED_DATA
         length, mtype, nfds, req_id, reserved = _HEADER.unpack_from(buf)
         # Bound the frame before buffering its body.
@@ -297,18 +332,19 @@ class Codec:
             fds = self._marks[0][1]
         if len(fds) != nfds:
             raise self._violation(f"{kind.name} declares {nfds} descriptors, {len(fds)} came")
-        if len(buf) < length:
+        if filled < length:
             return NEED_DATA
         if fds:
             self._marks.pop(0)
         if self._marks and self._marks[0][0] < start + length:
             raise self._violation(f"descriptors inside a {kind.name} frame")
-        if len(buf) == length and length > 65536:  # a bulk frame, alone: hand the buffer over
+        if filled == length == len(buf) and length > _BULK:  # a bulk frame, alone: hand it over
             body: bytes | memoryview = memoryview(buf)[HEADER_SIZE:]
             self._buffer = bytearray()
         else:
             body = bytes(buf[HEADER_SIZE:length])
             del buf[:length]
+        self._filled -= length
         self._offset += length
         try:
             return _decode(kind, req_id, body, fds)
@@ -328,7 +364,7 @@ class Codec:
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return self._filled
 
     def _violation(self, message: str) -> RemoteProtocolError:
         self.close_stray_fds()

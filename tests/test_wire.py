@@ -162,3 +162,31 @@ def test_declarations_match_the_compiled_layouts() -> None:
     assert wire.header.sizeof() == wire.HEADER_SIZE == 16
     assert wire.hello_reply.sizeof() == 56
     assert wire.vma_record.sizeof() == 48
+
+
+@pytest.mark.parametrize("piece", [1000, 65536, 300_000])
+def test_a_bulk_frame_is_received_in_place(piece: int) -> None:
+    """receive_into() gives room for the rest of a large frame; bytes before and after it, and
+    the next frame, still go through receive_data."""
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    sender = wire.Codec(daemon=True)
+    first, _ = sender.send(wire.Write(9, 0x1000, payload))
+    second, _ = sender.send(wire.Read(10, 0x2000, 16))
+    stream = first + second
+    receiver = wire.Codec(daemon=False)
+    receiver.receive_data(stream[:20])  # the header and a little more
+    assert receiver.next_event() is wire.NEED_DATA
+    at = 20
+    while (room := receiver.receive_into()) is not None:
+        n = min(piece, len(room))
+        room[:n] = stream[at : at + n]
+        room.release()
+        receiver.received(n)
+        at += n
+        if at < len(first):
+            assert receiver.next_event() is wire.NEED_DATA
+    assert at == len(first)
+    got = receiver.next_event()
+    assert isinstance(got, wire.Write) and got.id == 9 and bytes(got.data) == payload
+    receiver.receive_data(stream[at:])
+    assert receiver.next_event() == wire.Read(10, 0x2000, 16)
