@@ -3,7 +3,7 @@
 # it).
 PYTHON ?= python3
 VENV ?= .venv
-APT_PACKAGES = gcc libc6-dev libffi-dev linux-libc-dev linux-libc-dev-arm64-cross
+APT_PACKAGES = gcc make libc6-dev libffi-dev linux-libc-dev linux-libc-dev-arm64-cross valgrind
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: test run deps venv lint clean
