@@ -42,7 +42,7 @@ PRELOAD = Path(__file__).resolve().parent.parent / "clients" / "preload"
 ARM64_INCLUDE = Path("/usr/aarch64-linux-gnu/include")
 VALGRIND = "/usr/bin/valgrind"
 TIMEOUT = 300  # seconds for one program (valgrind's run is the slowest)
-PROGRAMS = ["vmm_basic", "vmm_fds", "vmm_threads", "vmm_fork", "vmm_vcpu", "vmm_signals"]
+PROGRAMS = ["vmm_basic", "vmm_fds", "vmm_threads", "vmm_fork", "vmm_vcpu", "vmm_run", "vmm_signals"]
 EXPORTED = {
     "open", "open64", "openat", "openat64", "__open_2", "__open64_2", "__openat_2",
     "__openat64_2", "close", "dup", "dup2", "dup3", "fcntl", "fcntl64", "ioctl", "mmap", "mmap64",
