@@ -3,7 +3,8 @@
 # it).
 PYTHON ?= python3
 VENV ?= .venv
-APT_PACKAGES = gcc make libc6-dev libffi-dev linux-libc-dev linux-libc-dev-arm64-cross valgrind
+APT_PACKAGES = gcc make libc6-dev libffi-dev linux-libc-dev linux-libc-dev-arm64-cross valgrind \
+  systemd strace
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: test run deps venv lint clean

@@ -120,15 +120,18 @@ class Memslots:
 
     def add(self, slot: Memslot) -> None:
         self.by_id[slot.id] = slot
-        self._reindex()
+        bases, ordered = list(self._index[0]), list(self._index[1])
+        i = bisect.bisect_left(bases, slot.base_gfn)  # copies, not a sort: O(n) per change
+        bases.insert(i, slot.base_gfn)
+        ordered.insert(i, slot)
+        self._index = (bases, ordered)
 
     def remove(self, slot: Memslot) -> None:
         del self.by_id[slot.id]
-        self._reindex()
-
-    def _reindex(self) -> None:
-        ordered = sorted(self.by_id.values(), key=lambda s: s.base_gfn)
-        self._index = ([s.base_gfn for s in ordered], ordered)
+        bases, ordered = list(self._index[0]), list(self._index[1])
+        i = ordered.index(slot, bisect.bisect_left(bases, slot.base_gfn))
+        del bases[i], ordered[i]
+        self._index = (bases, ordered)
 
     def find(self, gfn: int) -> Memslot | None:
         """The slot holding guest frame gfn."""

@@ -61,6 +61,7 @@ class _Mapping:
     offset: int  # where start lies in memory
     readable: bool
     writable: bool
+    file: SimulatedFile | None = None  # kept alive while mapped, as the kernel's vma->vm_file
 
 
 class SimulatedProcess:
@@ -142,7 +143,7 @@ class SimulatedProcess:
                 addr, addr + size, kind or file.kind, shared, writable, file.dev, file.ino, offset,
                 fd=file.fd if shared else None, readable=readable,
             )
-        mapping = _Mapping(addr, addr + size, vma, memory, mem_offset, readable, writable)
+        mapping = _Mapping(addr, addr + size, vma, memory, mem_offset, readable, writable, file)
         i = bisect.bisect(self._starts, addr)
         self._starts.insert(i, addr)
         self._maps.insert(i, mapping)

@@ -16,7 +16,11 @@ What it models:
   a page absent from the dict has never been tagged and reads as zeros;
 - VMs with memslots, MTE enable and vCPU count, and COPY_TAGS, whose user buffer is described
   by what can be read at `addr` before a fault (TO_GUEST) or how many bytes can be written there
-  before a fault (FROM_GUEST).
+  before a fault (FROM_GUEST);
+- optionally, kvmtagd's limits on memslots (README.md, "Limits": written from that table, not
+  from kvmtag.limits): memslots per VM (ENOSPC) and bytes of memslots per process (a slot
+  alone larger: E2BIG; in all: ENOMEM), refused after the kernel's own checks, only for a
+  slot being created, before the MTE check of its memory.
 
 Results follow the kernel: a value >= 0, or a negative errno.
 """
@@ -142,20 +146,40 @@ class CopyResult:
     written: bytes = b""  # what the kernel wrote at addr (FROM_GUEST), from addr on
 
 
+@dataclass(frozen=True)
+class Limits:
+    """kvmtagd's memslot limits; None: unlimited (the kernel alone)."""
+
+    memslots_per_vm: int | None = None
+    bytes_per_process: int | None = None
+
+
 class Host:
     """Physical memory's tags, shared by every VM and process of the host."""
 
-    def __init__(self, page_size: int = 4096) -> None:
+    def __init__(self, page_size: int = 4096, limits: Limits | None = None) -> None:
         assert page_size in (4096, 16384, 65536)
         self.page_size = page_size
         self.tags: dict[tuple[object, ...], bytes] = {}
+        self.limits = limits or Limits()
+        self.vms: list[Vm] = []
 
     @property
     def tags_per_page(self) -> int:
         return self.page_size // 16
 
     def create_vm(self, process: Process, ipa_bits: int = DEFAULT_IPA_BITS) -> Vm:
-        return Vm(self, process, ipa_bits)
+        vm = Vm(self, process, ipa_bits)
+        self.vms.append(vm)
+        return vm
+
+    def bytes_in_memslots(self, process: Process) -> int:
+        return sum(
+            s.npages * self.page_size
+            for vm in self.vms
+            if vm.process is process
+            for s in vm.slots.values()
+        )
 
     def read_tags(self, identity: tuple[object, ...]) -> bytes:
         return self.tags.get(identity, bytes(self.tags_per_page))  # never tagged: zeros
@@ -231,6 +255,16 @@ class Vm:
                     return -errno.EEXIST
         if base_gfn + npages > 2**self.ipa_bits // page:
             return -errno.EFAULT
+        limits = self.host.limits
+        if old is None:  # kvmtagd's limits, for a slot being created
+            if limits.memslots_per_vm is not None and len(self.slots) >= limits.memslots_per_vm:
+                return -errno.ENOSPC
+            if limits.bytes_per_process is not None:
+                if memory_size > limits.bytes_per_process:
+                    return -errno.E2BIG
+                in_use = self.host.bytes_in_memslots(self.process)
+                if in_use + memory_size > limits.bytes_per_process:
+                    return -errno.ENOMEM
         if self.mte:  # new, moved or flags changed: every mapping in it must allow MTE
             for m in self.process.mappings_in(userspace_addr, userspace_addr + memory_size):
                 if m.kind not in MTE_ALLOWED_KINDS:

@@ -18,6 +18,7 @@ tests showing the reference itself answers what the spec says.
 from __future__ import annotations
 
 import errno
+import os
 import random
 from dataclasses import dataclass, field
 
@@ -26,7 +27,8 @@ from hypothesis import HealthCheck, currently_in_test_context, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from kvmtag import HostConfig, SimulatedFile, VmaKind, uapi
+from kvmtag import HostConfig, SimulatedFile, Vcpu, Vm, VmaKind, uapi
+from kvmtag.limits import Limits, Quota
 from kvmtag.uapi import LAYOUT
 
 from . import reference as ref
@@ -164,20 +166,53 @@ class Twin:
     name: str
 
 
-class World:
-    """A host on both sides: the model behind one or more InProcessDrivers, and ref.Host."""
+class LimitedDriver(InProcessDriver):
+    """InProcessDriver whose ioctls go through kvmtagd's limits (kvmtag.limits.Quota), as the
+    daemon makes them."""
 
-    def __init__(self, page_size: int = 4096) -> None:
+    def __init__(self, quota: Quota) -> None:
+        super().__init__(host=quota.host)
+        self.quota = quota
+
+    def ioctl(self, fd: int, request: int, arg: int | bytes = 0) -> tuple[int, bytes]:
+        target = self._files.get(fd)
+        if target is None:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        addr = self.buffer(arg) if isinstance(arg, bytes) else arg
+        result = self.quota.ioctl(target, self.process, request, addr)  # type: ignore[arg-type]
+        if isinstance(result, Vm | Vcpu):
+            return self._install(result), b""
+        if result < 0:
+            raise OSError(-result, os.strerror(-result))
+        return result, self.read(addr, len(arg)) if isinstance(arg, bytes) else b""
+
+
+class World:
+    """A host on both sides: the model behind one or more InProcessDrivers, and ref.Host;
+    with `limits`, kvmtagd's memslot limits on both sides too."""
+
+    def __init__(self, page_size: int = 4096, limits: ref.Limits | None = None) -> None:
         self.page = page_size
         self.tpp = page_size // 16
-        self.host = ref.Host(page_size)
+        self.host = ref.Host(page_size, limits)
+        self.quota: Quota | None = None
+        if limits is not None:
+            from kvmtag import Host
+
+            self.quota = Quota(Host(HostConfig(page_size=page_size)), Limits(
+                max_memslots=limits.memslots_per_vm or Limits.max_memslots,
+                max_guest_memory=limits.bytes_per_process or Limits.max_guest_memory,
+            ))  # fmt: skip
         self.vmms: list[Vmm] = []
         self.vms: list[Twin] = []
         self.files: list[SharedFile] = []
 
     def new_vmm(self) -> Vmm:
         """A VMM process; every one after the first shares the first one's host."""
-        if self.vmms:
+        driver: InProcessDriver
+        if self.quota is not None:
+            driver = LimitedDriver(self.quota)
+        elif self.vmms:
             driver = InProcessDriver(host=self.vmms[0].driver.host)
         else:
             driver = InProcessDriver(HostConfig(page_size=self.page))
@@ -371,10 +406,11 @@ class ModelVsReferenceBase(RuleBasedStateMachine):
     """Rules shared by the machines below; they differ in the world they start from."""
 
     page_size = 4096
+    limits: ref.Limits | None = None
 
     def __init__(self) -> None:
         super().__init__()
-        self.world = World(self.page_size)
+        self.world = World(self.page_size, self.limits)
 
     @property
     def ipa_pages(self) -> int:
@@ -598,6 +634,11 @@ class ModelVsReferenceBase(RuleBasedStateMachine):
         for twin in self.world.vms:
             self.world.check_tags(twin, per_page=False)
 
+    @invariant()
+    def limits_account_for_the_model(self) -> None:
+        if self.world.quota is not None:
+            self.world.quota.check()
+
     def teardown(self) -> None:
         for twin in self.world.vms:
             self.world.check_tags(twin, per_page=True)
@@ -665,6 +706,19 @@ class OneVmLargePages(OneVm):
     page_size = 16384
 
 
+class OneVmUnderLimits(OneVm):
+    """OneVm through kvmtagd's limits (kvmtag.limits.Quota), small enough to be reached often:
+    four memslots per VM, six pages of memslots per process (a slot of seven: E2BIG)."""
+
+    limits = ref.Limits(memslots_per_vm=4, bytes_per_process=6 * 4096)
+
+
+class TwoVmsUnderLimits(TwoVms):
+    """TwoVms under the limits: in one process, both VMs' memslots count against one total."""
+
+    limits = ref.Limits(memslots_per_vm=3, bytes_per_process=8 * 4096)
+
+
 # Bounded budgets: about 400 sequences of up to 40 steps in all, a few seconds (each step is
 # one or two ioctls on both sides plus the whole-slot reads of the invariant). Found by mutation:
 # each of ~25 one-line bugs planted in the reference is caught at these budgets.
@@ -681,6 +735,10 @@ TestTwoVms = TwoVms.TestCase
 TestTwoVms.settings = settings(max_examples=120, **_SETTINGS)  # type: ignore[arg-type]
 TestOneVmLargePages = OneVmLargePages.TestCase
 TestOneVmLargePages.settings = settings(max_examples=30, **_SETTINGS)  # type: ignore[arg-type]
+TestOneVmUnderLimits = OneVmUnderLimits.TestCase
+TestOneVmUnderLimits.settings = settings(max_examples=80, **_SETTINGS)  # type: ignore[arg-type]
+TestTwoVmsUnderLimits = TwoVmsUnderLimits.TestCase
+TestTwoVmsUnderLimits.settings = settings(max_examples=60, **_SETTINGS)  # type: ignore[arg-type]
 
 
 EINVAL, EEXIST, EFAULT, EBUSY = -errno.EINVAL, -errno.EEXIST, -errno.EFAULT, -errno.EBUSY

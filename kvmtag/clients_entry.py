@@ -1,0 +1,31 @@
+"""Console scripts for the programs in clients/ (kvmtag-fuzz, kvmtag-load).
+
+Those programs live in the source tree's clients/ directory, beside the package: a checkout
+installed in place (`pip install -e .`, as `make` does) runs them from there. Each script
+re-executes the program with this Python, so that it starts with no kvmtag module imported
+(the fuzzer instruments them as it imports them).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+CLIENTS = Path(__file__).resolve().parent.parent / "clients"
+
+
+def _run(program: str) -> None:
+    script = CLIENTS / program
+    if not script.is_file():
+        sys.exit(f"{program} is in kvmtag's source tree (clients/): install a checkout with "
+                 "pip install -e, or run it from one")  # fmt: skip
+    os.execv(sys.executable, [sys.executable, str(script), *sys.argv[1:]])
+
+
+def fuzz() -> None:
+    _run("kvmtag_fuzz.py")
+
+
+def load() -> None:
+    _run("kvmtag_load.py")
