@@ -29,3 +29,13 @@ def fuzz() -> None:
 
 def load() -> None:
     _run("kvmtag_load.py")
+
+
+def vmm() -> None:
+    """kvmtag-vmm: the migrating VMM, the package clients/kvmtag_vmm."""
+    if not (CLIENTS / "kvmtag_vmm" / "cli.py").is_file():
+        sys.exit("kvmtag-vmm is in kvmtag's source tree (clients/): install a checkout with "
+                 "pip install -e, or run it from one")  # fmt: skip
+    path = os.pathsep.join(p for p in (str(CLIENTS.parent), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path)
+    os.execve(sys.executable, [sys.executable, "-m", "clients.kvmtag_vmm", *sys.argv[1:]], env)
