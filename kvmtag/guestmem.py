@@ -117,8 +117,10 @@ class GuestMemory:
 
     def check_tags(self, gpa: int, n: int, tag: int) -> int | None:
         """A tag-checked access of [gpa, gpa+n) within one page: the first granule address whose
-        tag is not `tag`, or None."""
+        tag is not `tag`, or None. Without KVM_CAP_ARM_MTE the guest has no tags: never."""
         _, segment, page = self._locate(gpa, write=False)
+        if not self.vm.mte_enabled:
+            return None
         within = gpa & (self.page - 1)
         bad = segment.backing.find_mismatch(
             segment.index + page - segment.first, within // 16, -(-n // 16), tag
@@ -139,7 +141,7 @@ class GuestMemory:
                 raise FaultExit(f"guest RAM at {gpa:#x}: the VMM's descriptor is read-only")
             if data and not tagkernel.guarded_copy(dst, data):
                 raise FaultExit(f"guest RAM at {gpa:#x} was truncated by the VMM")
-            if tag is not None:
+            if tag is not None and vm.mte_enabled:  # no MTE: tag stores do nothing
                 within = gpa & (self.page - 1)
                 granules = -(-(tag_bytes if tag_bytes is not None else len(data)) // 16)
                 segment.backing.set_granules(

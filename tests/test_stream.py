@@ -1,5 +1,5 @@
 """The migration stream codec (clients/kvmtag_vmm/stream.py) and the destination's loading
-(`migrate.receive`), with no daemon: docs/MIGRATION.md as tests.
+(`incoming.receive`), with no daemon: docs/MIGRATION.md as tests.
 
 One table of streams drives the reader (whole, byte at a time, with trailing bytes left
 intact) and the loader; Hypothesis builds random machines and passes, then mutates their streams
@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clients.kvmtag_vmm import _bits, migrate, stream
+from clients.kvmtag_vmm import _bits, incoming, stream
 from clients.kvmtag_vmm.stream import (
     NEED_DATA,
     Header,
@@ -236,7 +236,7 @@ def load(data: bytes, *, verify_first: bool, chunk: int = 1 << 16) -> tuple[Fact
     """receive() into MemoryTargets; returns the factory and the result or the StreamError."""
     factory = Factory()
     try:
-        target, _ = migrate.receive(BytesSource(data, chunk), factory, verify_first=verify_first)
+        target, _ = incoming.receive(BytesSource(data, chunk), factory, verify_first=verify_first)
     except StreamError as e:
         return factory, e
     return factory, target
@@ -633,7 +633,7 @@ def test_check_mismatch_is_refused_and_the_destination_torn_down() -> None:
         return made[-1]
 
     with pytest.raises(StreamError, match="CHECK"):
-        migrate.receive(BytesSource(data), factory, verify_first=True)
+        incoming.receive(BytesSource(data), factory, verify_first=True)
     assert len(made) == 1 and made[0].aborted and not made[0].committed
 
 

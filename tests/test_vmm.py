@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from clients.kvmtag_vmm import _bits, migrate, stream
+from clients.kvmtag_vmm import _bits, incoming, stream
 from clients.kvmtag_vmm.transport import ACK_REFUSED
 from clients.kvmtag_vmm.vm import GPA_BASE, GuestConfig, Machine, plan_layout
 from kvmtag import uapi
@@ -135,9 +135,12 @@ def test_live_migration_between_two_vmms_on_one_daemon(
     kvmtagd: str, tmp_path: Path, tags: str, dirty_log: str
 ) -> None:
     uri = f"unix:{tmp_path}/mig.sock"
+    # One destination takes its machine from the stream; the other is started with it, as
+    # QEMU's is, and builds and preallocates it before the source connects.
+    shape = ["--ram", "256", "--vcpus", "2", "--prealloc"] if tags == "tag-log" else []
     with vmms() as group:
         dst = start(group, tmp_path, "dst", "--socket", kvmtagd, "--incoming", uri,
-                    "--run-seconds", "2")  # fmt: skip
+                    "--run-seconds", "2", *shape)  # fmt: skip
         src = start(group, tmp_path, "src", "--socket", kvmtagd, *GUEST, "--migrate-to", uri,
                     "--tags", tags, "--dirty-log", dirty_log, "--verify", "--progress")
         s, d = src.wait(), dst.wait()
@@ -316,6 +319,21 @@ def test_a_refused_live_stream_tears_down_the_destination(kvmtagd: str, tmp_path
     assert "guest" not in d.summary  # never ran
 
 
+def test_a_destination_started_for_another_machine_refuses_it(
+    kvmtagd: str, tmp_path: Path
+) -> None:
+    uri = f"unix:{tmp_path}/mig.sock"
+    with vmms() as group:
+        dst = start(group, tmp_path, "dst", "--socket", kvmtagd, "--incoming", uri,
+                    "--ram", "128")  # fmt: skip
+        src = start(group, tmp_path, "src", "--socket", kvmtagd, *GUEST, "--migrate-to", uri,
+                    "--migrate-after", "0.5", "--run-seconds", "2")  # fmt: skip
+        s, d = src.wait(), dst.wait()
+    assert d.rc == 1 and "does not match the stream" in d.log and "--ram 128" in d.log
+    assert s.rc == 1 and "refused the stream" in s.log and "the guest carries on here" in s.log
+    assert not s.summary["guest"]["crashed"] and s.summary["guest"]["slices"] > 0
+
+
 def test_a_failed_migration_leaves_the_source_guest_running(
     kvmtagd: str, tmp_path: Path
 ) -> None:
@@ -339,6 +357,36 @@ def test_a_failed_migration_leaves_the_source_guest_running(
     assert "failed" in s.log and "the guest carries on here" in s.log
     g = s.summary["guest"]
     assert not g["crashed"] and g["slices"] >= MIN_SLICES
+
+
+def test_no_answer_after_the_whole_stream_leaves_the_source_paused(
+    kvmtagd: str, tmp_path: Path
+) -> None:
+    """A destination that reads the whole stream and vanishes may be running the guest: the
+    source must not resume its copy (two guests would run), and says so."""
+    path = tmp_path / "silent.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    listener.settimeout(TIMEOUT)
+    with vmms() as group, listener:
+        src = start(group, tmp_path, "src", "--socket", kvmtagd, *GUEST, "--migrate-to",
+                    f"unix:{path}", "--migrate-after", "0.5", "--run-seconds", "30")
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(TIMEOUT)
+            reader = stream.Reader()
+            while not reader.done:  # a well-behaved reader, to the last record
+                n = conn.recv_into(reader.buffer())
+                assert n, "the source closed early"
+                reader.received(n)
+                while reader.next_event() is not stream.NEED_DATA:
+                    pass
+        s = src.wait()  # long before --run-seconds: it does not resume
+    assert s.rc == 1, s.log
+    assert "did not answer" in s.log and "stays paused here" in s.log
+    assert "carries on" not in s.log
+    assert not s.summary["guest"]["crashed"]
 
 
 def _refusal() -> bytes:
@@ -433,7 +481,7 @@ def test_content_digest_against_an_oracle(kvmtagd: str) -> None:
                 outer.update(_bits.to_bytes(sum(1 << p for p, _ in pages), n))
                 outer.update(hashlib.sha256(b"".join(b for _, b in pages)).digest())
         assert any(slot.npages for slot in m.slots)
-        assert migrate.content_digest(m) == outer.digest()
+        assert m.content_digest() == outer.digest()
         m.stop()
         assert m.healthy
 
@@ -448,7 +496,7 @@ def test_to_guest_is_ebusy_while_logging_so_the_destination_restores_first(kvmta
         with pytest.raises(OSError) as info:
             m.write_tags(GPA_BASE, tags)
         assert info.value.errno == errno.EBUSY
-        target = migrate.MachineTarget(m)
+        target = incoming.MachineTarget(m)
         packed = bytes(range(256))[1::2][:128]  # any non-zero tags
         page = stream.Pages(GPA_BASE, 1, 1, 0, 0, memoryview(bytes(4096)), memoryview(packed))
         target.load_pages(page)

@@ -19,12 +19,20 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import Any
 
-from clients.kvmtag_vmm import migrate
-from clients.kvmtag_vmm.migrate import MachineTarget, Migration, Options
+from clients.kvmtag_vmm import incoming, migrate
+from clients.kvmtag_vmm.incoming import MachineTarget
+from clients.kvmtag_vmm.migrate import Migration, Options
 from clients.kvmtag_vmm.progress import Progress
 from clients.kvmtag_vmm.stream import Header, StreamError
 from clients.kvmtag_vmm.transport import Listener, Uri, connect, parse_uri
-from clients.kvmtag_vmm.vm import GuestConfig, Machine, MiB, VmmError, plan_layout
+from clients.kvmtag_vmm.vm import (
+    GuestConfig,
+    Machine,
+    MiB,
+    OutcomeUnknown,
+    VmmError,
+    plan_layout,
+)
 
 log = logging.getLogger("kvmtag.vmm")
 
@@ -37,12 +45,14 @@ URIs: unix:PATH and tcp:HOST:PORT are live migrations (the destination listens w
 under PATH.partial and renamed when complete). --snapshot and --restore take file:PATH or a
 bare PATH.
 
-Lifecycle: a source boots the guest, runs it --migrate-after seconds, migrates and exits
-(a failed migration resumes the guest here, which keeps running). --snapshot saves the paused
-guest and resumes it. A destination (--incoming, --restore) takes its machine from the stream
-(--ram/--slots/--vcpus/--mte, if given, must match it), resumes the guest only once the whole
-stream has been checked, and can migrate it on (--migrate-to). A guest that is not migrated
-away runs --run-seconds (default: until SIGINT or SIGTERM).
+Lifecycle: a source boots the guest, runs it --migrate-after seconds, migrates and exits.
+A failed migration resumes the guest here, which keeps running; if the destination got the
+whole stream but never answered, the guest stays paused (it may run there). --snapshot saves
+the paused guest and resumes it. A destination (--incoming, --restore) takes its machine from
+the stream; started with it (--ram, and --slots/--hole/--vcpus/--mte as on the source) a live
+destination builds it before the source connects, and the stream must match it. It resumes
+the guest only once the whole stream has been checked, and can migrate it on (--migrate-to).
+A guest that is not migrated away runs --run-seconds (default: until SIGINT or SIGTERM).
 
 Exit status: 0 the guest ran (and migrated) fine; 1 an error (kvmtagd unreachable, a refused
 stream, a failed migration, a pre-6.2 kernel profile with MTE); 2 bad usage; 3 the guest
@@ -222,7 +232,13 @@ def _lifecycle(
                 max_passes=args.max_passes, precopy=not snapshot, verify=args.verify,
                 tamper=args.tamper,
             )  # fmt: skip
-            migrated = _migrate(m, uri, options, args, report)
+            try:
+                migrated = _migrate(m, uri, options, args, report)
+            except OutcomeUnknown as e:
+                log.error("%s; the guest stays paused here, never to run twice", e)
+                m.stop()
+                report["guest"] = _guest_report(m)
+                return EXIT_ERROR
             if migrated and not snapshot:
                 m.stop()
                 report["guest"] = _guest_report(m, steps=report.get("guest_steps_sent"))
@@ -253,6 +269,9 @@ def _migrate(
         sink = connect(uri, args.connect_timeout)
         mig = Migration(m, sink, options, str(uri), Progress(args.progress))
         summary = mig.run()
+    except OutcomeUnknown:
+        report["migration"] = {"uri": str(uri), "failed": "no answer from the destination"}
+        raise
     except (VmmError, OSError) as e:
         log.error("%s to %s failed: %s; the guest carries on here", kind, uri, e)
         report["migration"] = {"uri": str(uri), "failed": str(e)}
@@ -357,7 +376,7 @@ def _receive(
 
     try:
         try:
-            target, stats = migrate.receive(source, factory, verify_first=uri.kind == "file",
+            target, stats = incoming.receive(source, factory, verify_first=uri.kind == "file",
                                             uri=str(uri))  # fmt: skip
         except BaseException:
             source.reply(False, 1)

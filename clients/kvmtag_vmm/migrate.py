@@ -1,7 +1,7 @@
-"""Live migration and snapshots of a running MTE guest: the source's pre-copy and the
-destination's loading.
+"""Live migration and snapshots of a running MTE guest, the source's side (the destination's
+is kvmtag_vmm.incoming).
 
-Source (`Migration`), as QEMU does it but with tags:
+As QEMU does it, but with tags (`Migration`):
 
 1. Dirty logging on for every memslot (with the tag log, KVMTAG_CAP_TAG_LOG, enabled first so
    switching logging on saves every page's tags; in manual-protect mode with INITIALLY_SET the
@@ -9,43 +9,37 @@ Source (`Migration`), as QEMU does it but with tags:
 2. A full first pass while the guest runs, then passes over the pages the dirty log reports,
    until what is left fits the downtime target at the bandwidth the last pass measured.
 3. Stop-and-copy: every vCPU paused, one more dirty-log sync, the last pages, then the registers
-   (and optionally a CHECK digest of all RAM and tags), then END.
+   (and optionally a CHECK digest of all RAM and tags), then END; over a socket, the
+   destination's reply that it has resumed the guest.
 
 Each pass re-protects first (KVM_GET_DIRTY_LOG in get-and-clear mode, or GET then
 KVM_CLEAR_DIRTY_LOG in manual mode) and only then reads data and tags, so a store racing with
 the copy shows up in the next pass. Tags are fetched in large batches over spans of dirty pages
 (a few clean pages' tags cost less than another ioctl): KVM_ARM_MTE_COPY_TAGS FROM_GUEST, or the
 tag log (KVMTAG_GET_TAG_LOG, whose pages not valid any more fall back to COPY_TAGS). They travel
-packed, PAGE_SIZE/32 bytes a page, and all-zero pages and all-zero tag pages are elided.
-
-Destination (`receive`): nothing is run until the whole stream has been read and checked. A
-snapshot file is verified completely (every CRC, the structure, the final digest) before the
-destination VM even exists; a live stream is loaded into a VM that is not started, and torn
-down if anything is wrong. Tags are restored with TO_GUEST while no memslot logs dirty pages
-(TO_GUEST is EBUSY while logging since Linux 6.12): logging, if wanted later, comes after.
+packed, PAGE_SIZE/32 bytes a page, and all-zero pages and all-zero tag pages are elided. The
+next span's tags are fetched, this span's pages read, and earlier records encoded and sent, on
+three threads at once.
 """
 
 from __future__ import annotations
 
-import bisect
 import concurrent.futures
 import functools
-import hashlib
 import logging
 import queue
-import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from clients.kvmtag_vmm import _bits, stream
 from clients.kvmtag_vmm.progress import Progress
-from clients.kvmtag_vmm.stream import Header, Pages, StreamError
-from clients.kvmtag_vmm.transport import ByteSource, Sink
-from clients.kvmtag_vmm.vm import Machine, VmmError
+from clients.kvmtag_vmm.stream import Header
+from clients.kvmtag_vmm.transport import Sink
+from clients.kvmtag_vmm.vm import TAG_BATCH_BYTES, Machine, VmmError
 from kvmtag import tagkernel, uapi
 
 if TYPE_CHECKING:
@@ -57,7 +51,7 @@ TAG_MODES = ("copy-tags", "tag-log")
 DIRTY_LOG_MODES = ("get-and-clear", "manual")
 TAMPER = ("drop-tags", "corrupt-tags")
 SPAN_GAP = 256  # clean pages a tag fetch may straddle to join two runs of dirty pages
-TAG_BYTES_PER_IOCTL = 4 << 20  # unpacked (COPY_TAGS) or packed (tag log, its limit) tag bytes
+
 ACK_TIMEOUT = 120.0
 TAG_IOCTLS = ("KVM_ARM_MTE_COPY_TAGS", "KVMTAG_GET_TAG_LOG")
 
@@ -142,9 +136,9 @@ class Migration:
         ps = machine.page_size
         self.ppp = machine.packed_per_page
         self.max_window = stream.MAX_WINDOW_BYTES // ps
-        # Tags fetched per ioctl: 4 MiB one-per-byte with COPY_TAGS (16,384 pages at 4 KiB); the
-        # tag log's limit is 4 MiB packed, and its first page is rounded down to 64.
-        self.span = TAG_BYTES_PER_IOCTL // (ps // 16)
+        # Tags fetched per ioctl: 4 MiB one-per-byte with COPY_TAGS (16,384 pages at 4 KiB); half
+        # that packed from the tag log (its limit is 4 MiB), its first page rounded down to 64.
+        self.span = TAG_BATCH_BYTES // (ps // 16)
         self.summary = Summary(uri=uri, mte=machine.mte, tags_mode=options.tags,
                                dirty_log_mode=options.dirty_log, page_size=ps,
                                ram_bytes=machine.ram.size, downtime_target_seconds=options.downtime,
@@ -189,7 +183,7 @@ class Migration:
                 self.out.submit(functools.partial(self.writer.registers, i, regs))
             self._mark("registers read")
             if o.verify:
-                digest = content_digest(m)
+                digest = m.content_digest()
                 self.out.submit(lambda: self.writer.check(digest))
                 self._mark("content digest computed")
             self.out.submit(self.writer.end)
@@ -423,302 +417,3 @@ class _Sender:
         if self.thread.is_alive():
             self.queue.put(None)
             self.thread.join()
-
-
-# --- the content digest ------------------------------------------------------------------------
-
-
-def content_digest(m: Machine) -> bytes:
-    """CHECK's digest (docs/MIGRATION.md, "CHECK"): SHA-256 over, for each memslot in order, its
-    (id, 0, gpa, size) as <IIQQ, the bitmap of its pages whose data is not all zero, the SHA-256
-    of those pages' data in ascending order, and with MTE the same two for packed tags. Zero
-    pages cost nothing, and it does not matter whether one is a hole or written zeros."""
-    outer = hashlib.sha256()
-    ps, ppp = m.page_size, m.packed_per_page
-    window = stream.MAX_WINDOW_BYTES // ps
-    for k, slot in enumerate(m.slots):
-        npages = slot.npages
-        extents = m.ram.data_extents(slot.offset, slot.offset + slot.layout.size)
-        data_hash, nonzero = hashlib.sha256(), 0
-        for at in range(0, npages, window):
-            n = min(window, npages - at)
-            data, zero = m.ram.read_pages(slot.offset + at * ps, n, ps, _bits.mask(n), extents)
-            data_hash.update(data)
-            nonzero |= (~zero & _bits.mask(n)) << at
-        s = slot.layout
-        outer.update(struct.pack("<IIQQ", s.slot, 0, s.gpa, s.size))
-        outer.update(_bits.to_bytes(nonzero, npages))
-        outer.update(data_hash.digest())
-        if not m.mte:
-            continue
-        tag_hash, tagged = hashlib.sha256(), 0
-        span = TAG_BYTES_PER_IOCTL // (ps // 16)
-        for at in range(0, npages, span):
-            n = min(span, npages - at)
-            packed = m.read_tags(k, at, n)
-            bitmap = bytearray(_bits.words_bytes(n))
-            tagkernel.zero_pages(bitmap, packed, ppp)
-            bits = ~_bits.from_bytes(bitmap) & _bits.mask(n)
-            with memoryview(packed) as view:
-                for f, c in _bits.runs(bits):
-                    tag_hash.update(view[f * ppp : (f + c) * ppp])
-            tagged |= bits << at
-        outer.update(_bits.to_bytes(tagged, npages))
-        outer.update(tag_hash.digest())
-    return outer.digest()
-
-
-# --- the destination ---------------------------------------------------------------------------
-
-
-class Target(Protocol):
-    """What a stream is loaded into (a Machine that is not running, or a test's stand-in)."""
-
-    def load_pages(self, pages: Pages) -> None: ...
-    def stage_registers(self, regs: stream.Registers) -> None: ...
-    def content_digest(self) -> bytes: ...
-    def commit(self) -> None: ...
-    def abort(self) -> None: ...
-
-
-@dataclass
-class ReceiveStats:
-    role: str = "destination"
-    uri: str = ""
-    verified_first: bool = False
-    verify_seconds: float = 0.0
-    load_seconds: float = 0.0
-    stream_bytes: int = 0
-    records: int = 0
-    passes: int = 0
-    pages_loaded: int = 0
-    checked_content: bool = False
-    wait_seconds: float = 0.0  # for the stream (the source, or the decoding thread)
-    apply_seconds: float = 0.0  # loading pages: pwrite and TO_GUEST
-
-
-def receive(
-    source: ByteSource, factory: Callable[[Header], Target], *, verify_first: bool,
-    uri: str = "",
-) -> tuple[Target, ReceiveStats]:  # fmt: skip
-    """Read a stream into a new target. With verify_first (files), the whole stream is checked
-    before `factory` is called; otherwise the target is built from the header, loaded as
-    records arrive, and aborted on any error. On success the target is committed (registers
-    set) but not started. Raises StreamError (the stream is refused) or VmmError."""
-    stats = ReceiveStats(uri=uri, verified_first=verify_first)
-    if verify_first:
-        start = time.monotonic()
-        _pump(source, None, stats)
-        stats.verify_seconds = time.monotonic() - start
-        if not source.rewind():
-            raise VmmError("cannot read the stream a second time")
-        stats.passes = stats.records = stats.pages_loaded = 0
-    start = time.monotonic()
-    target = _pump(source, factory, stats)
-    stats.load_seconds = time.monotonic() - start
-    assert target is not None
-    return target, stats
-
-
-def _pump(
-    source: ByteSource, factory: Callable[[Header], Target] | None, stats: ReceiveStats
-) -> Target | None:
-    """Read the stream to END; with a factory, load it into the target it builds. The stream
-    is read and checked on a thread of its own while this one loads what it has decoded."""
-    target: Target | None = None
-    events = _Decoder(source)
-    try:
-        for event in events:
-            now = time.monotonic()
-            stats.wait_seconds += now - events.since
-            stats.records += 1
-            if isinstance(event, Header):
-                if factory is not None:
-                    target = factory(event)
-            elif isinstance(event, Pages):
-                stats.pages_loaded += event.present.bit_count()
-                if target is not None:
-                    target.load_pages(event)
-                    stats.apply_seconds += time.monotonic() - now
-            elif isinstance(event, stream.PassEnd):
-                stats.passes += 1
-                log.debug("incoming: pass %d%s received", event.number,
-                          " (final)" if event.final else "")  # fmt: skip
-            elif isinstance(event, stream.Registers):
-                if target is not None:
-                    target.stage_registers(event)
-            elif isinstance(event, stream.Check):
-                stats.checked_content = True
-                if target is not None and target.content_digest() != event.digest:
-                    raise StreamError("CHECK: the loaded RAM and tags differ from the source's "
-                                      "at the switchover")  # fmt: skip
-        if events.reader.trailing or not source.at_end():
-            raise StreamError("data after the END record")
-        stats.stream_bytes = events.reader.nbytes
-        log.debug("incoming: END checked")
-        if target is not None:
-            target.commit()
-            log.debug("incoming: committed")
-        return target
-    except BaseException:
-        events.close()
-        if target is not None:
-            target.abort()
-        raise
-
-
-class _Decoder:
-    """The stream's events, read and decoded (CRC, SHA-256, every check) on a thread while the
-    caller applies the previous ones. At most `depth` records wait. Iteration ends after END
-    (the thread has finished then) or raises what the thread raised."""
-
-    def __init__(self, source: ByteSource, depth: int = 4) -> None:
-        self.source = source
-        self.reader = stream.Reader()
-        self.queue: queue.Queue[stream.Event | BaseException] = queue.Queue(depth)
-        self.stop = threading.Event()
-        self.since = time.monotonic()
-        self.thread = threading.Thread(target=self._run, name="migration-reader", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            while not self.stop.is_set():
-                event = self.reader.next_event()
-                if isinstance(event, stream.NeedData):
-                    n = self.source.read_into(self.reader.buffer())  # straight into place
-                    if not n:
-                        self.reader.eof()
-                    self.reader.received(n)
-                    continue
-                self._put(event)
-                if isinstance(event, stream.End):
-                    return
-        except BaseException as e:
-            self._put(e)
-
-    def _put(self, item: stream.Event | BaseException) -> None:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def __iter__(self) -> Iterator[stream.Event]:
-        while True:
-            self.since = time.monotonic()
-            item = self.queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if isinstance(item, stream.End):
-                self.thread.join()
-                return
-
-    def close(self) -> None:
-        """Stop the thread (it may be blocked reading: the caller then closes the source)."""
-        self.stop.set()
-
-
-class MachineTarget:
-    """Loads a stream into a fresh Machine that is not running.
-
-    Data goes into the memfd with pwrite; an all-zero page is written only if the memfd holds
-    data there. Tags: the destination keeps a packed image of its guest's tags (PAGE_SIZE/32
-    bytes a page, allocated per memslot on its first tagged page; exact, since nothing else
-    changes them while the guest is not running). A record updates the image, then one TO_GUEST
-    covers its pages from the first to the last whose tags are non-zero now or were before
-    (a fresh page's are zero already), clean pages in between included, written from the image:
-    a sparse final pass costs one ioctl, not one per run of dirty pages. Neighbouring ranges
-    are merged up to 4 MiB of tags per ioctl. No memslot logs dirty pages meanwhile."""
-
-    def __init__(self, machine: Machine) -> None:
-        self.m = machine
-        self.regs: dict[int, tuple[tuple[int, int], ...]] = {}
-        self.tagged = [0] * len(machine.slots)  # pages with non-zero tags here (bits)
-        self.image: list[bytearray | None] = [None] * len(machine.slots)
-        self._starts = [s.layout.gpa for s in machine.slots]
-        self._pending: tuple[int, int, int] | None = None  # (slot index, first page, end page)
-        self._batch_pages = TAG_BYTES_PER_IOCTL // (machine.page_size // 16)
-        self.committed = False
-
-    def _slot_of(self, gpa: int) -> int:
-        k = bisect.bisect_right(self._starts, gpa) - 1
-        if k < 0:
-            raise VmmError(f"no memslot at {gpa:#x}")  # the reader checked: never
-        return k
-
-    def load_pages(self, p: Pages) -> None:
-        m = self.m
-        ps, ppp = m.page_size, m.packed_per_page
-        k = self._slot_of(p.gpa)
-        slot = m.slots[k]
-        page = (p.gpa - slot.layout.gpa) // ps
-        offset = slot.offset + page * ps
-        pos = 0
-        for f, c in _bits.runs(p.present & ~p.zero_data):
-            m.ram.write(offset + f * ps, p.data[pos : pos + c * ps])
-            pos += c * ps
-        for f, c in _bits.runs(p.zero_data):
-            for lo, hi in m.ram.data_extents(offset + f * ps, offset + (f + c) * ps):
-                m.ram.write(lo, bytes(hi - lo))  # was data here, now zero
-        if not m.mte:
-            return
-        was_tagged = (self.tagged[k] >> page) & _bits.mask(p.npages)
-        with_tags = p.present & ~p.zero_tags
-        need = p.present & (with_tags | was_tagged)
-        if not need:
-            return
-        self.tagged[k] = (self.tagged[k] & ~(p.present << page)) | with_tags << page
-        image = self.image[k]
-        if image is None:
-            image = self.image[k] = bytearray(slot.npages * ppp)
-        base = page * ppp
-        for f, c in _bits.runs(p.present & p.zero_tags & was_tagged):
-            image[base + f * ppp : base + (f + c) * ppp] = bytes(c * ppp)
-        pos = 0
-        for f, c in _bits.runs(with_tags):
-            image[base + f * ppp : base + (f + c) * ppp] = p.tags[pos : pos + c * ppp]
-            pos += c * ppp
-        lo = (need & -need).bit_length() - 1
-        self._add_tags(k, page + lo, page + need.bit_length())
-
-    def _add_tags(self, k: int, first: int, end: int) -> None:
-        """Pages [first, end) of slot k need TO_GUEST from the image: merge with the pending
-        range if close (the gap's tags come from the image too), else flush that first."""
-        if self._pending is not None:
-            pk, pfirst, pend = self._pending
-            if pk == k and pend <= first <= pend + SPAN_GAP and end - pfirst <= self._batch_pages:
-                self._pending = (k, pfirst, end)
-                return
-            self._flush_tags()
-        self._pending = (k, first, end)
-
-    def _flush_tags(self) -> None:
-        if self._pending is not None:
-            if self.m.logging:  # never: TO_GUEST is EBUSY while any memslot logs (6.12+)
-                raise VmmError("internal error: restoring tags while dirty logging is on")
-            k, first, end = self._pending
-            self._pending = None
-            image = self.image[k]
-            assert image is not None
-            ppp = self.m.packed_per_page
-            unpacked = tagkernel.unpacked(memoryview(image)[first * ppp : end * ppp])
-            self.m.write_tags(self.m.slots[k].layout.gpa + first * self.m.page_size, unpacked)
-
-    def stage_registers(self, regs: stream.Registers) -> None:
-        self.regs[regs.vcpu] = regs.regs
-
-    def content_digest(self) -> bytes:
-        self._flush_tags()
-        return content_digest(self.m)
-
-    def commit(self) -> None:
-        self._flush_tags()
-        self.image = [None] * len(self.m.slots)  # the guest runs from now on: stale soon
-        self.m.set_all_registers(dict(self.regs))
-        self.committed = True
-
-    def abort(self) -> None:
-        self.m.close()

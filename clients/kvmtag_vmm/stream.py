@@ -186,7 +186,7 @@ class Registers:
 
 @dataclass(frozen=True)
 class Check:
-    """SHA-256 of guest RAM and tags at the switchover (`content_digest`)."""
+    """SHA-256 of guest RAM and tags at the switchover (vm.Machine.content_digest)."""
 
     digest: bytes
 

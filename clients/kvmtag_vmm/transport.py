@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from clients.kvmtag_vmm.vm import VmmError
+from clients.kvmtag_vmm.vm import OutcomeUnknown, VmmError
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer as Buffer
@@ -82,7 +82,8 @@ class Sink:
 
     def finish(self, timeout: float) -> None:
         """The stream is complete: wait for the destination's OK (sockets) or make the file
-        durable and visible. Raises VmmError if the destination refused or vanished."""
+        durable and visible. Raises VmmError if the destination refused, OutcomeUnknown if it
+        did not answer."""
         raise NotImplementedError
 
     def abort(self) -> None:
@@ -107,10 +108,14 @@ class SocketSink(Sink):
                         views[0] = views[0][sent:]
                         sent = 0
         except OSError as e:
-            raise VmmError(f"sending to {self.uri}: {e.strerror or e} (did the destination "
-                           "refuse the stream?)") from None  # fmt: skip
+            # A destination that refuses the stream says so before it closes: say why.
+            status = self._reply(1.0)
+            if status is not None and status[0] == ACK_REFUSED:
+                raise self._refused(status[1]) from None
+            raise VmmError(f"sending to {self.uri}: {e.strerror or e}") from None
 
-    def finish(self, timeout: float) -> None:
+    def _reply(self, timeout: float) -> tuple[bytes, int] | None:
+        """The destination's 16-byte answer (status, code), or None if none came whole."""
         self.sock.settimeout(timeout)
         reply = b""
         try:
@@ -119,18 +124,29 @@ class SocketSink(Sink):
                 if not more:
                     break
                 reply += more
-        except OSError as e:
-            raise VmmError(f"waiting for {self.uri} to resume the guest: {e}") from None
-        finally:
-            self.sock.close()
+        except OSError:
+            return None
         if len(reply) != _ACK.size:
-            raise VmmError(f"the destination at {self.uri} closed without resuming the guest")
+            return None
         status, code, crc = _ACK.unpack(reply)
         if crc != zlib.crc32(reply[:12]) or status not in (ACK_OK, ACK_REFUSED):
             raise VmmError(f"the destination at {self.uri} sent a garbled acknowledgement")
-        if status != ACK_OK:
-            raise VmmError(f"the destination at {self.uri} refused the stream (code {code}); "
-                           "see its log")  # fmt: skip
+        return status, code
+
+    def _refused(self, code: int) -> VmmError:
+        return VmmError(f"the destination at {self.uri} refused the stream (code {code}); "
+                        "see its log")  # fmt: skip
+
+    def finish(self, timeout: float) -> None:
+        try:
+            status = self._reply(timeout)
+        finally:
+            self.sock.close()
+        if status is None:
+            raise OutcomeUnknown(f"the destination at {self.uri} did not answer after the whole "
+                                 "stream: it may be running the guest")  # fmt: skip
+        if status[0] != ACK_OK:
+            raise self._refused(status[1])
 
     def abort(self) -> None:
         self.sock.close()

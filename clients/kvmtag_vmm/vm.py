@@ -12,16 +12,14 @@ slice to end.
 
 from __future__ import annotations
 
-import bisect
 import concurrent.futures
 import contextlib
-import ctypes
-import ctypes.util
 import errno
+import hashlib
 import logging
 import mmap
-import os
 import random
+import struct
 import threading
 import time
 from collections import Counter
@@ -29,16 +27,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from clients.kvmtag_vmm import _bits
-from clients.kvmtag_vmm.stream import SlotLayout
+from clients.kvmtag_vmm.ram import GuestRam
+from clients.kvmtag_vmm.stream import MAX_WINDOW_BYTES, SlotLayout
 from kvmtag import client, tagkernel, uapi
 from kvmtag.guest import GUEST_ENTRY, HEARTBEAT_GPA, GuestDescriptor
 from kvmtag.kvm import Kvm, VcpuFd, VmFd, exit_of
 
 log = logging.getLogger("kvmtag.vmm")
 
-GPA_BASE = 0x8000_0000  # where guest RAM starts (QEMU's "virt" machine puts it at 1 GiB)
+GPA_BASE = 0x8000_0000  # where guest RAM starts: 2 GiB (the image and MMIO are below)
 MiB = 1 << 20
-TAG_BATCH_PAGES = 16384  # pages per KVM_ARM_MTE_COPY_TAGS: 4 MiB of tags at 4 KiB pages
+TAG_BATCH_BYTES = 4 << 20  # one-per-byte tags per KVM_ARM_MTE_COPY_TAGS (16,384 4 KiB pages)
 FROM_GUEST, TO_GUEST = uapi.KVM_ARM_TAGS_FROM_GUEST, uapi.KVM_ARM_TAGS_TO_GUEST
 LOG = uapi.KVM_MEM_LOG_DIRTY_PAGES
 IMMEDIATE_EXIT = 1  # offsetof(struct kvm_run, immediate_exit)
@@ -52,6 +51,11 @@ Layout = Sequence[SlotLayout] | Callable[[int], Sequence[SlotLayout]]
 
 class VmmError(Exception):
     """Something the user must hear about: the VMM says it and exits non-zero."""
+
+
+class OutcomeUnknown(VmmError):
+    """The whole stream went out but the destination's reply never came: it may be running
+    the guest. The source must not resume it (two running copies); it stays paused."""
 
 
 def profile_version(name: str) -> tuple[int, ...]:
@@ -118,143 +122,6 @@ class RunStats:
     steps: list[int]
     crash: tuple[int, int] | None = None  # (vCPU, faulting guest address)
     failure: str | None = None
-
-
-# --- guest RAM ---------------------------------------------------------------------------------
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]  # fmt: skip
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
-_MAP_FIXED = 0x10
-_MAP_NORESERVE = 0x4000
-
-
-class GuestRam:
-    """One memfd holding all guest RAM, mapped MAP_SHARED at an address aligned to the emulated
-    page size (mmap only aligns to the machine's 4 KiB: reserve more, map inside, trim). The
-    mapping is what the memslots name; the VMM itself reads and writes the memfd with
-    preadv/pwrite (no page faults in this process, and holes are never touched)."""
-
-    def __init__(self, size: int, page_size: int) -> None:
-        self.size = size
-        self.fd = os.memfd_create("kvmtag-vmm-ram", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self.fd, size)
-            self.addr = self._map_aligned(size, max(page_size, mmap.PAGESIZE))
-        except BaseException:
-            os.close(self.fd)
-            raise
-
-    def _map_aligned(self, size: int, align: int) -> int:
-        anon = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
-        base = _libc.mmap(None, size + align, 0, anon, -1, 0)
-        if base in (None, _MAP_FAILED):
-            raise OSError(ctypes.get_errno(), "mmap (reserve)")
-        addr = -(-base // align) * align
-        prot = mmap.PROT_READ | mmap.PROT_WRITE
-        got = _libc.mmap(addr, size, prot, mmap.MAP_SHARED | _MAP_FIXED, self.fd, 0)
-        if got != addr:
-            err = ctypes.get_errno()
-            _libc.munmap(base, size + align)
-            raise OSError(err, "mmap (guest RAM)")
-        if addr > base:
-            _libc.munmap(base, addr - base)
-        if base + align > addr:
-            _libc.munmap(addr + size, base + align - addr)
-        return int(addr)
-
-    def data_extents(self, start: int, end: int) -> list[tuple[int, int]]:
-        """[start, end) ranges of the memfd that hold data (SEEK_DATA / SEEK_HOLE); the rest
-        are holes, zero without being read. Reading a hole through the mapping would allocate
-        it (about 3 s per GiB here), so the VMM never does. One call walks the whole range:
-        callers ask once per memslot and pass, not once per page window."""
-        out: list[tuple[int, int]] = []
-        pos = start
-        while pos < end:
-            try:
-                data = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:  # no data after pos
-                    break
-                raise
-            if data >= end:
-                break
-            hole = os.lseek(self.fd, data, os.SEEK_HOLE)
-            out.append((data, min(hole, end)))
-            pos = hole
-        return out
-
-    def read_pages(
-        self, start: int, npages: int, page_size: int, wanted: int,
-        extents: Sequence[tuple[int, int]] | None = None,
-    ) -> tuple[bytearray, int]:  # fmt: skip
-        """The data of the `wanted` pages of the window of npages pages at memfd offset start:
-        (the non-zero ones, in ascending order, concatenated; the bits of the wanted pages that
-        are all zero). Pages in holes are zero without being read; the others are read with
-        preadv (no page faults in this process) and checked for zeros in C. `extents` are
-        data_extents() of a range covering the window, if the caller has them."""
-        ps = page_size
-        if extents is None:
-            extents = self.data_extents(start, start + npages * ps)
-        has_data = 0
-        end = start + npages * ps
-        k = bisect.bisect_right(extents, (start, end)) - 1
-        for lo, hi in extents[max(k, 0) :]:
-            if lo >= end:
-                break
-            if hi <= start:
-                continue
-            first = (max(lo, start) - start) // ps
-            last = -(-(min(hi, end) - start) // ps)
-            has_data |= _bits.mask(last - first) << first
-        candidates = wanted & has_data
-        zero = wanted & ~has_data
-        buf = bytearray(candidates.bit_count() * ps)
-        with memoryview(buf) as view:
-            pos = 0
-            for f, c in _bits.runs(candidates):
-                part = view[pos : pos + c * ps]
-                offset = start + f * ps
-                while part:
-                    got = os.preadv(self.fd, [part], offset)
-                    if got <= 0:
-                        raise VmmError(f"guest RAM at memfd offset {offset:#x}: short read")
-                    part, offset = part[got:], offset + got
-                pos += c * ps
-            bitmap = bytearray(_bits.words_bytes(candidates.bit_count()))
-            tagkernel.zero_pages(bitmap, buf, ps)
-            packed_zero = _bits.from_bytes(bitmap)
-            if not packed_zero:
-                return buf, zero
-            # Some pages read are zero after all: map them back and drop them from the data.
-            out = bytearray()
-            pos = 0
-            for f, c in _bits.runs(candidates):
-                z = (packed_zero >> pos) & _bits.mask(c)
-                zero |= z << f
-                for g, d in _bits.runs(~z & _bits.mask(c)):
-                    out += view[(pos + g) * ps : (pos + g + d) * ps]
-                pos += c
-        return out, zero
-
-    def prealloc(self) -> None:
-        """Allocate every page now (QEMU's -mem-prealloc): later writes only copy."""
-        os.posix_fallocate(self.fd, 0, self.size)
-
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """pwrite into the memfd (allocating tmpfs pages this way is ~3x faster than faulting
-        them in through the mapping)."""
-        view = memoryview(data)
-        while view:
-            done = os.pwrite(self.fd, view, offset)
-            view, offset = view[done:], offset + done
-
-    def close(self) -> None:
-        _libc.munmap(self.addr, self.size)
-        os.close(self.fd)
 
 
 # --- the machine -------------------------------------------------------------------------------
@@ -424,12 +291,13 @@ class Machine:
 
     def read_tags(self, index: int, first: int, npages: int) -> bytearray:
         """Packed tags of pages [first, first+npages) of slot `index`, with FROM_GUEST copies of
-        up to TAG_BATCH_PAGES pages each (tags arrive one per byte and are packed in C)."""
+        up to TAG_BATCH_BYTES of tags each (they arrive one per byte and are packed in C)."""
         slot = self.slots[index]
         ps, tpp = self.page_size, self.page_size // 16
         out = bytearray(npages * self.packed_per_page)
-        for at in range(0, npages, TAG_BATCH_PAGES):
-            n = min(TAG_BATCH_PAGES, npages - at)
+        batch = TAG_BATCH_BYTES // tpp
+        for at in range(0, npages, batch):
+            n = min(batch, npages - at)
             buf = bytearray(n * tpp)
             gpa = slot.layout.gpa + (first + at) * ps
             got = self.vm.mte_copy_tags(gpa, n * ps, buf, FROM_GUEST)
@@ -445,8 +313,8 @@ class Machine:
         """
         tpp = self.page_size // 16
         view = memoryview(unpacked)
-        for at in range(0, len(view), TAG_BATCH_PAGES * tpp):
-            part = view[at : at + TAG_BATCH_PAGES * tpp]
+        for at in range(0, len(view), TAG_BATCH_BYTES):
+            part = view[at : at + TAG_BATCH_BYTES]
             length = len(part) // tpp * self.page_size
             where = gpa + at // tpp * self.page_size
             got = self.vm.mte_copy_tags(where, length, part, TO_GUEST)
@@ -491,6 +359,49 @@ class Machine:
         self._count("KVM_GET_ONE_REG")
         return self.vcpus[i].get_one_reg(uapi.CORE_REGS[name])
 
+    # --- the CHECK digest ----------------------------------------------------------------------
+
+    def content_digest(self) -> bytes:
+        """CHECK's digest (docs/MIGRATION.md, "CHECK"): SHA-256 over, for each memslot in
+        order, its (id, 0, gpa, size) as <IIQQ, the bitmap of its pages whose data is not all
+        zero, the SHA-256 of those pages' data in ascending order, and with MTE the same two
+        for packed tags. Zero pages cost nothing, and it does not matter whether one is a hole
+        or written zeros. Call it with the vCPUs paused."""
+        outer = hashlib.sha256()
+        ps, ppp = self.page_size, self.packed_per_page
+        window = MAX_WINDOW_BYTES // ps
+        for k, slot in enumerate(self.slots):
+            npages = slot.npages
+            extents = self.ram.data_extents(slot.offset, slot.offset + slot.layout.size)
+            data_hash, nonzero = hashlib.sha256(), 0
+            for at in range(0, npages, window):
+                n = min(window, npages - at)
+                offset = slot.offset + at * ps
+                data, zero = self.ram.read_pages(offset, n, ps, _bits.mask(n), extents)
+                data_hash.update(data)
+                nonzero |= (~zero & _bits.mask(n)) << at
+            s = slot.layout
+            outer.update(struct.pack("<IIQQ", s.slot, 0, s.gpa, s.size))
+            outer.update(_bits.to_bytes(nonzero, npages))
+            outer.update(data_hash.digest())
+            if not self.mte:
+                continue
+            tag_hash, tagged = hashlib.sha256(), 0
+            span = TAG_BATCH_BYTES // (ps // 16)
+            for at in range(0, npages, span):
+                n = min(span, npages - at)
+                packed = self.read_tags(k, at, n)
+                bitmap = bytearray(_bits.words_bytes(n))
+                tagkernel.zero_pages(bitmap, packed, ppp)
+                bits = ~_bits.from_bytes(bitmap) & _bits.mask(n)
+                with memoryview(packed) as view:
+                    for f, c in _bits.runs(bits):
+                        tag_hash.update(view[f * ppp : (f + c) * ppp])
+                tagged |= bits << at
+            outer.update(_bits.to_bytes(tagged, npages))
+            outer.update(tag_hash.digest())
+        return outer.digest()
+
     # --- booting the guest -----------------------------------------------------------------------
 
     def boot(self, guest: GuestConfig) -> None:
@@ -531,11 +442,11 @@ class Machine:
     def _populate(self, guest: GuestConfig, free_after: list[tuple[int, int]]) -> None:
         """VMM-written data after the heaps, in 64 KiB blocks, a share of them with random tags:
         what a used guest's RAM looks like to a migration (page cache, tagged heaps)."""
-        ps, block = self.page_size, max(64 * 1024, self.page_size)
+        block = max(64 * 1024, self.page_size)
         per_slot = guest.populate // len(self.slots) // block * block
         rng = random.Random(guest.seed)
         chunk = rng.randbytes(MiB)
-        tags_chunk = rng.randbytes(TAG_BATCH_PAGES * ps // 16)
+        tags_chunk = rng.randbytes(TAG_BATCH_BYTES)
         for k, first_free in free_after:
             slot = self.slots[k]
             start = -(-first_free // block) * block
