@@ -147,7 +147,12 @@ class GuestMemory:
                 segment.backing.set_granules(
                     segment.index + page - segment.first, within // 16, granules, tag
                 )
-            vm.page_stored_locked(slot, page)
+            # The memslot may have been replaced (logging switched on, the tag log saved)
+            # while this store waited for the lock: log the store in the current one.
+            gfn = gpa >> self.shift
+            current = vm.memslots.find(gfn)
+            if current is not None:
+                vm.page_stored_locked(current, gfn - current.base_gfn)
 
     def _fd(self, segment: Segment, gpa: int) -> int:
         fd = segment.vma.fd
