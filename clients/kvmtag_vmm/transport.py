@@ -8,6 +8,7 @@ renamed into place once complete, so a snapshot file that exists is whole.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import logging
@@ -74,21 +75,24 @@ def _ack(status: bytes, code: int = 0) -> bytes:
 # --- the sending side ----------------------------------------------------------------------------
 
 
-class Sink:
+class Sink(abc.ABC):
     """Where the source writes the stream."""
 
+    @abc.abstractmethod
     def send(self, parts: Sequence[Buffer]) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def finish(self, timeout: float) -> None:
         """The stream is complete: wait for the destination's OK (sockets) or make the file
         durable and visible. Raises VmmError if the destination refused, OutcomeUnknown if it
         did not answer."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def abort(self) -> None:
         """Give up: close, remove a partial file."""
-        raise NotImplementedError
+        ...
 
 
 class SocketSink(Sink):
@@ -213,12 +217,13 @@ def connect(uri: Uri, timeout: float) -> Sink:
 # --- the receiving side --------------------------------------------------------------------------
 
 
-class ByteSource:
+class ByteSource(abc.ABC):
     """Where the destination reads the stream from."""
 
+    @abc.abstractmethod
     def read_into(self, buf: memoryview) -> int:
         """Read the next bytes into buf; 0 at the end."""
-        raise NotImplementedError
+        ...
 
     def rewind(self) -> bool:
         """Start again from the first byte (files only: False otherwise)."""
@@ -229,11 +234,12 @@ class ByteSource:
         sends nothing more: True without reading.)"""
         return True
 
-    def reply(self, ok: bool, code: int = 0) -> None:
+    def reply(self, ok: bool, code: int = 0) -> None:  # noqa: B027 - a no-op for files
         """Tell the source how it went (sockets only)."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        ...
 
 
 class SocketSource(ByteSource):
