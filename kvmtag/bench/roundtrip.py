@@ -1,0 +1,104 @@
+"""roundtrip: KVM_CHECK_EXTENSION(KVM_CAP_ARM_MTE) through the blocking client, N calls per
+repeat, each timed. Baseline: a 64-byte ping-pong over a socketpair with a child Python process
+echoing on a blocking socket; for reference, a trio echo server (a child process too) pinged the
+same way. A repeat's figure is its median call; p99 is reported beside it. Ratio: the case's
+median / the baseline's median (goal <= 2.5 for the ioctl)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+
+import trio
+
+from kvmtag import client, uapi
+from kvmtag.bench.core import Context, Figure, Settings, child, measure, summarise
+
+MESSAGE = 64
+"""Bytes of one ping of the round-trip baselines."""
+
+
+def title(settings: Settings) -> str:
+    return (
+        f"roundtrip: {settings.iterations} calls per repeat, the median call; "
+        "ratio = case / socketpair ping-pong of 64 bytes"
+    )
+
+
+def run(settings: Settings, context: Context) -> list[Figure]:
+    """KVM_CHECK_EXTENSION(KVM_CAP_ARM_MTE) on a system fd, and pings of 64 bytes echoed by a
+    blocking child process (socketpair) and by a trio server in a child process (Unix socket)."""
+    n = settings.iterations
+    kvm_socket, directory = context.kvm_socket(), context.directory
+    with contextlib.ExitStack() as stack:
+        pair, theirs = (stack.enter_context(s) for s in socket.socketpair())
+        stack.enter_context(child(_echo, theirs))
+        listener = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        listener.bind(str(directory / "echo.sock"))
+        listener.listen()
+        stack.enter_context(child(_trio_echo, listener))
+        trio_echo = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        trio_echo.connect(str(directory / "echo.sock"))  # accepted once the child serves
+        kvm = client.open("/dev/kvm", socket=kvm_socket)
+        stack.callback(client.close, kvm)
+
+        def check_extension() -> list[float]:
+            times = []
+            for _ in range(n):
+                start = time.perf_counter_ns()
+                result = client.ioctl(kvm, uapi.KVM_CHECK_EXTENSION, uapi.KVM_CAP_ARM_MTE)
+                times.append(time.perf_counter_ns() - start)
+                if result != 1:
+                    raise RuntimeError(f"KVM_CHECK_EXTENSION(KVM_CAP_ARM_MTE) = {result}")
+            return [t / 1e9 for t in times]
+
+        runs = measure(
+            {
+                "socketpair": lambda: _ping(pair, n),
+                "trio_echo": lambda: _ping(trio_echo, n),
+                "check_extension": check_extension,
+            },
+            settings.repeats,
+        )
+    goals = {"check_extension": 2.5}
+    return summarise("roundtrip", runs, "socketpair", goals, lower_is_better=True, p99=True)
+
+
+def _ping(sock: socket.socket, n: int) -> list[float]:
+    """`n` round trips of a MESSAGE-byte ping, each timed."""
+    ping = bytes(MESSAGE)
+    pong = memoryview(bytearray(MESSAGE))
+    times = []
+    for _ in range(n):
+        start = time.perf_counter_ns()
+        sock.sendall(ping)
+        got = 0
+        while got < MESSAGE:
+            k = sock.recv_into(pong[got:])
+            if not k:
+                raise ConnectionError("the echo child is gone")
+            got += k
+        times.append(time.perf_counter_ns() - start)
+    return [t / 1e9 for t in times]
+
+
+def _echo(sock: socket.socket) -> None:
+    """The socketpair baseline's child: echo until end of file, blocking."""
+    buf = memoryview(bytearray(MESSAGE))
+    while n := sock.recv_into(buf):
+        sock.sendall(buf[:n])
+
+
+def _trio_echo(listener: socket.socket) -> None:
+    """The reference's child: a trio server echoing on every connection of `listener`."""
+
+    async def echo(stream: trio.SocketStream) -> None:
+        async for data in stream:
+            await stream.send_all(data)
+
+    async def serve() -> None:
+        sock = trio.socket.from_stdlib_socket(listener)
+        await trio.serve_listeners(echo, [trio.SocketListener(sock)])
+
+    trio.run(serve)
