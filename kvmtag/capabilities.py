@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from kvmtag import uapi
 from kvmtag.profiles import HostConfig
 
@@ -12,9 +14,10 @@ def check_extension(config: HostConfig, cap: int) -> int:
     The system fd and VM fds answer alike for every capability kvmtag reports (the arm64 code
     only differs for the IPA size of a particular VM, which kvmtag does not change per VM).
     """
+    if cap == uapi.KVM_CAP_NR_VCPUS:  # the one answer that asks the system: only when asked
+        return min(config.max_vcpus, _online_cpus())
     values = {
         uapi.KVM_CAP_USER_MEMORY: 1,
-        uapi.KVM_CAP_NR_VCPUS: min(config.max_vcpus, _online_cpus()),
         uapi.KVM_CAP_MAX_VCPUS: config.max_vcpus,
         uapi.KVM_CAP_MAX_VCPU_ID: config.max_vcpus,
         uapi.KVM_CAP_NR_MEMSLOTS: config.user_mem_slots,
@@ -31,6 +34,4 @@ def check_extension(config: HostConfig, cap: int) -> int:
 
 
 def _online_cpus() -> int:
-    import os
-
     return os.cpu_count() or 1

@@ -228,7 +228,10 @@ def _exchange(file: _File, fd: int, event: wire.Event) -> wire.Event:
         # Family and type given: no getsockopt calls to discover them on every request.
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fileno=fd)
         try:
-            _send(sock, file.codec, event)
+            if isinstance(event, wire.Ioctl) and event.inline is None:  # the common case
+                sock.sendall(file.codec.ioctl_frame(event.id, event.request, event.arg))
+            else:
+                _send(sock, file.codec, event)
             while True:
                 answer = _receive(sock, file.codec)
                 if answer.id != event.id:
@@ -303,6 +306,10 @@ def _receive(sock: _socket.socket, codec: wire.Codec) -> wire.Event:
         room = codec.receive_into()  # a bulk frame: straight into its own buffer
         target = room if room is not None else _rbuf()
         n, anc, flags, _ = sock.recvmsg_into([target], _ANC_SIZE, _socket.MSG_CMSG_CLOEXEC)
+        if room is None and not anc and not flags & _socket.MSG_CTRUNC:
+            reply = codec.plain_reply(memoryview(target)[:n])  # the common case, in one step
+            if reply is not None:
+                return reply
         fds = [fd for level, kind, raw in anc
                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
                for fd in array.array("i", raw[: len(raw) - len(raw) % 4])]  # fmt: skip

@@ -5,16 +5,14 @@ callbacks that the client answers from its own memory, in windows of at most `wi
 bytes. A struct the client passed as a buffer travels inline with the request and is served
 from here; the model reaches it at INLINE_ADDR, 2**64, which no 64-bit pointer can name.
 
-The model runs on a worker thread; each callback hops back onto the event loop with
-trio.from_thread.run for its round trip, so a large copy never blocks other connections.
+The model runs on the connection's thread; a callback is a blocking send and receive on the
+connection, so a large copy never blocks other connections.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Hashable, Sequence
-
-import trio
+from collections.abc import Callable, Hashable, Sequence
 
 from kvmtag import wire
 from kvmtag.usermem import Buffer, Vma
@@ -23,7 +21,7 @@ log = logging.getLogger("kvmtag.daemon")
 
 # Not a 64-bit value at all, so no pointer inside a struct can ever name the inline struct.
 INLINE_ADDR = 2**64
-Roundtrip = Callable[[wire.Event], Awaitable[wire.Event]]
+Roundtrip = Callable[[wire.Event], wire.Event]
 
 
 class RemoteMemory:
@@ -39,7 +37,7 @@ class RemoteMemory:
     ) -> None:
         self._req = request
         self._process = process
-        self._roundtrip = roundtrip  # None: no callbacks (the request runs on the event loop)
+        self._roundtrip = roundtrip  # None: no callbacks (the caller has no memory to reach)
         self._adopt = adopt_vmas
         self._window = window
         self.inline = bytearray(request.inline) if request.inline is not None else None
@@ -118,8 +116,6 @@ class RemoteMemory:
 
     def _call(self, event: wire.Event) -> wire.Event | None:
         if self._roundtrip is None:
-            # Only requests that never leave their inline struct run on the loop; reaching
-            # here is kvmtag's bug, answered as a fault rather than a hang.
-            log.error("request %#x needed a callback on the event loop", self._req.request)
-            return None
-        return trio.from_thread.run(self._roundtrip, event)
+            log.error("request %#x needed a callback without a connection", self._req.request)
+            return None  # a fault rather than a hang
+        return self._roundtrip(event)

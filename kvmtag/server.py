@@ -2,8 +2,14 @@
 
 One connection per open file: the listening socket's connections are /dev/kvm opens; each VM
 and vCPU the model creates gets a socketpair, whose far end travels back in the REPLY so the
-VMM holds a real fd. Each connection has one request in flight; bulk work runs on worker
-threads so no client stalls another. A protocol violation closes only its connection.
+VMM holds a real fd. Each connection has one request in flight, served on the connection's own
+thread with blocking I/O, as KVM runs an ioctl in its caller's thread: no client stalls
+another, a callback (READ, WRITE, VMAS) is a plain send and receive, and a small ioctl costs
+two system calls and the model's work rather than trips through an event loop (the budget of
+shared/DESIGN.md is 2.5 socketpair ping-pongs; trio's own echo server takes about 2). trio
+supervises: it accepts, starts and counts connections, enforces the limits on them, runs the
+watchdog and the collector, and stops the daemon. A protocol violation closes only its
+connection.
 
 Who may connect: every connection's peer credentials (SO_PEERCRED) are logged, and checked
 against `Access` (--allow-uid, --allow-gid) before anything is read from it; a refused peer's
@@ -24,6 +30,8 @@ import logging
 import os
 import socket
 import struct
+import threading
+import time
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -40,9 +48,8 @@ from kvmtag.vm import Vm
 
 log = logging.getLogger("kvmtag.daemon")
 
-# Requests that never reach user memory beyond an inline struct: answered on the event loop,
-# without a thread hop (they are the latency-sensitive small ioctls).
-_ON_LOOP = {
+# Requests that never reach user memory beyond an inline struct: they take no bulk-work slot.
+_SMALL = {
     uapi.KVM_GET_API_VERSION, uapi.KVM_CREATE_VM, uapi.KVM_CHECK_EXTENSION,
     uapi.KVM_GET_VCPU_MMAP_SIZE, uapi.KVM_CREATE_VCPU, uapi.KVM_ENABLE_CAP,
 }  # fmt: skip
@@ -82,7 +89,7 @@ class Access:
     uids: frozenset[int] = frozenset()
     gids: frozenset[int] = frozenset()
 
-    def allows(self, peer: Peer, sock: trio.socket.SocketType) -> bool:
+    def allows(self, peer: Peer, sock: socket.socket) -> bool:
         if not self.uids and not self.gids:
             return True
         if peer.uid in self.uids or peer.gid in self.gids:
@@ -95,26 +102,32 @@ class ConnectionClosed(Exception):
 
 
 class Connection:
-    """Frame I/O on one socket: events in, events out, descriptors both ways."""
+    """Frame I/O on one socket, blocking, used by the connection's thread only: events in,
+    events out, descriptors both ways."""
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
         self.sock = sock
         self.codec = wire.Codec(daemon=True)
         # Small frames are received into this, then handed to the codec; bulk frames go
         # straight into their own buffer (Codec.receive_into).
         self._rbuf = bytearray(65536)
 
-    async def next_event(self) -> wire.Event:
+    def next_event(self) -> wire.Event:
         while True:
             event = self.codec.next_event()
             if event is not wire.NEED_DATA:
                 return event  # type: ignore[return-value]
             room = self.codec.receive_into()  # a bulk frame: straight into its own buffer
             target = room if room is not None else self._rbuf
-            n, ancdata, flags, _ = await self.sock.recvmsg_into(
+            n, ancdata, flags, _ = self.sock.recvmsg_into(
                 [target], _ANC_SIZE, socket.MSG_CMSG_CLOEXEC
             )
-            fds = _fds_of(ancdata)
+            if room is None and not ancdata and not flags & socket.MSG_CTRUNC:
+                request = self.codec.plain_ioctl(memoryview(target)[:n])  # the common case
+                if request is not None:
+                    return request
+            fds = _fds_of(ancdata) if ancdata else []
             if flags & socket.MSG_CTRUNC:
                 _close(fds)
                 raise wire.RemoteProtocolError("too many descriptors in one message")
@@ -126,21 +139,25 @@ class Connection:
             else:
                 self.codec.receive_data(memoryview(target)[:n], fds)
 
-    async def send(self, event: wire.Event) -> None:
+    def send(self, event: wire.Event) -> None:
+        if isinstance(event, wire.Reply) and event.written_back is None and not event.fds:
+            self.sock.sendall(self.codec.reply_frame(event.id, event.result, event.errno))
+            return  # the common case, in one step
         parts, fds = self.codec.frame(event)
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        sent = await self.sock.sendmsg(parts, anc)  # bulk data goes out without a copy
+        sent = self.sock.sendmsg(parts, anc)  # bulk data goes out without a copy
         for part in parts:
             view = memoryview(part).cast("B")
-            while sent < len(view):
-                view = view[sent:]
-                sent = await self.sock.send(view)
-            sent -= len(view)
+            if sent < len(view):
+                self.sock.sendall(view[sent:])
+                sent = 0
+            else:
+                sent -= len(view)
 
-    async def roundtrip(self, event: wire.Event) -> wire.Event:
+    def roundtrip(self, event: wire.Event) -> wire.Event:
         """A callback of the request in flight: send it, return the client's answer."""
-        await self.send(event)
-        answer = await self.next_event()
+        self.send(event)
+        answer = self.next_event()
         expected = {wire.Read: wire.ReadData, wire.Write: wire.WriteDone, wire.Vmas: wire.VmasData}
         if answer.id != event.id or not isinstance(answer, expected[type(event)]):
             _close(getattr(answer, "fds", []))
@@ -164,20 +181,24 @@ class Server:
         self.limits = limits or Limits()
         self.access = access or Access()
         self.quota = Quota(host, self.limits, self._fd_available)
-        self.limiter = trio.CapacityLimiter(threads or self.limits.threads)
+        # Threads: one per connection (bounded by max_connections), and of those at most
+        # `threads` doing bulk work at once.
+        self._connection_threads = trio.CapacityLimiter(self.limits.max_connections)
+        self._work_slots = threading.BoundedSemaphore(threads or self.limits.threads)
+        self._lock = threading.Lock()  # what connection threads share: below, marked (T)
         self._connections: dict[Hashable, int] = {}  # open connections per client process
         self._total = 0  # open connections of all processes
-        self._held: dict[Hashable, dict[tuple[int, int], int]] = {}  # (dev, ino) -> fd
-        self._process_limiters: dict[Hashable, trio.CapacityLimiter] = {}
+        self._held: dict[Hashable, dict[tuple[int, int], int]] = {}  # (T) (dev, ino) -> fd
+        self._process_limiters: dict[Hashable, threading.BoundedSemaphore] = {}  # (T)
         self._vm_connections: dict[Vm, int] = {}  # connections that keep each VM alive
         self._nursery: trio.Nursery | None = None
         self._accepting: trio.CancelScope | None = None
-        self._idle: set[trio.CancelScope] = set()  # connections waiting for a request
-        self._busy = 0  # requests received and not yet answered
+        self._idle: set[Connection] = set()  # (T) connections waiting for a request
+        self._busy = 0  # (T) requests received and not yet answered
         self._quiet = trio.Event()  # set when draining and no request is left
-        self.draining = False
+        self.draining = False  # (T)
         self._released = False  # a VM or process was released since the last collection
-        self.served = 0  # requests answered, for figures
+        self.served = 0  # (T) requests answered, for figures
         self.refused = 0  # connections refused (access control or a limit)
 
     async def serve(
@@ -211,8 +232,9 @@ class Server:
                 self._released = False
                 gc.collect()
 
-    def _accept(self, sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+    def _accept(self, accepted: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         """Check a new connection's peer and the limits; serve it, or close it."""
+        sock = socket.socket(fileno=accepted.detach())  # a plain socket: see Connection
         try:
             peer = _peer_credentials(sock)
             allowed = self.access.allows(peer, sock)
@@ -252,38 +274,28 @@ class Server:
 
     async def serve_connection(
         self,
-        sock: trio.socket.SocketType,
+        sock: socket.socket,
         target: KvmFile | Vm | Vcpu,
         process: Hashable,
         refusal: int = 0,
     ) -> None:
-        """Serve one connection; the caller has counted it with `_hold(process)`. With
-        `refusal`, answer the handshake with that errno and close."""
-        kind = _kind_of(target)
-        conn = Connection(sock)
+        """Serve one connection on its own thread; the caller has counted it with
+        `_hold(process)`. With `refusal`, answer the handshake with that errno and close."""
         vm = target if isinstance(target, Vm) else target.vm if isinstance(target, Vcpu) else None
         if vm is not None:
             self._vm_connections[vm] = self._vm_connections.get(vm, 0) + 1
         try:
-            if refusal:
-                with trio.move_on_after(REFUSED_HELLO_TIMEOUT):
-                    await self._handshake(conn, kind, refusal)
-            else:
-                await self._serve(conn, kind, target, process)
-        except ConnectionClosed:
-            pass
-        except wire.RemoteProtocolError as e:
-            log.warning("%s connection of %s broke the protocol: %s", kind.name, process, e)
-            with contextlib.suppress(OSError, trio.ClosedResourceError, wire.ProtocolError):
-                await conn.send(wire.Error(0, errno.EPROTO, str(e)))
-                await _drain(sock)
-        except (OSError, trio.BrokenResourceError) as e:
-            log.info("%s connection of %s: %s", kind.name, process, e)
-        except Exception:  # kvmtag's own bug: lose this connection, never the daemon
-            log.exception("%s connection of %s failed; closing it", kind.name, process)
+            await trio.to_thread.run_sync(
+                self._serve_thread, sock, target, process, refusal,
+                limiter=self._connection_threads, abandon_on_cancel=True,
+            )  # fmt: skip
+        except trio.Cancelled:
+            # The daemon is stopping past its timeout: unblock the thread's I/O; the thread
+            # closes the socket itself, so its number is never reused under it.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            raise
         finally:
-            sock.close()
-            conn.codec.close_stray_fds()
             if vm is not None:
                 self._vm_connections[vm] -= 1
                 if not self._vm_connections[vm]:  # no fd refers to the VM any more
@@ -295,45 +307,72 @@ class Server:
             if not self._connections[process]:
                 self._release(process)
 
-    async def _serve(
+    def _serve_thread(
+        self, sock: socket.socket, target: KvmFile | Vm | Vcpu, process: Hashable, refusal: int
+    ) -> None:
+        kind = _kind_of(target)
+        conn = Connection(sock)
+        try:
+            if refusal:
+                sock.settimeout(REFUSED_HELLO_TIMEOUT)
+                self._handshake(conn, kind, refusal)
+            else:
+                self._serve(conn, kind, target, process)
+        except (ConnectionClosed, TimeoutError):
+            pass
+        except wire.RemoteProtocolError as e:
+            log.warning("%s connection of %s broke the protocol: %s", kind.name, process, e)
+            with contextlib.suppress(OSError, wire.ProtocolError):
+                conn.send(wire.Error(0, errno.EPROTO, str(e)))
+                _drain(sock)
+        except OSError as e:
+            log.info("%s connection of %s: %s", kind.name, process, e)
+        except Exception:  # kvmtag's own bug: lose this connection, never the daemon
+            log.exception("%s connection of %s failed; closing it", kind.name, process)
+        finally:
+            with self._lock:
+                self._idle.discard(conn)
+            sock.close()
+            conn.codec.close_stray_fds()
+
+    def _serve(
         self, conn: Connection, kind: wire.FdKind, target: KvmFile | Vm | Vcpu, process: Hashable
     ) -> None:
         if self.draining:
             return
-        await self._handshake(conn, kind)
+        self._handshake(conn, kind)
         while True:
-            # Waiting for a request: `drain` closes the connection here.
+            # Waiting for a request: `drain` shuts the socket down here.
+            with self._lock:
+                if self.draining:
+                    return
+                self._idle.add(conn)
             conn.codec.max_message = IDLE_MAX_MESSAGE
-            with trio.CancelScope() as idle:
-                self._idle.add(idle)
-                try:
-                    event = await conn.next_event()
-                finally:
-                    self._idle.discard(idle)
-            if idle.cancelled_caught:
-                return
+            event = conn.next_event()
+            with self._lock:
+                self._idle.discard(conn)
+                self._busy += 1
             conn.codec.max_message = wire.MAX_MESSAGE  # callback answers may be bulk
-            self._busy += 1
             try:
                 if not isinstance(event, wire.Ioctl):
                     _close(getattr(event, "fds", []))
                     raise wire.RemoteProtocolError(f"{type(event).__name__} out of turn")
-                reply = await self._dispatch(conn, event, target, process)
+                reply = self._dispatch(conn, event, target, process)
                 try:
-                    await conn.send(reply)
+                    conn.send(reply)
                 finally:
                     _close(reply.fds)
-                self.served += 1
             finally:
-                self._busy -= 1
-                if self.draining and not self._busy:
-                    self._quiet.set()
-            if self.draining:
-                return  # the request in flight is answered; refuse the next by closing
+                with self._lock:
+                    self._busy -= 1
+                    self.served += 1
+                    quiet = self.draining and not self._busy
+                if quiet:
+                    trio.from_thread.run_sync(self._quiet.set)
 
-    async def _handshake(self, conn: Connection, kind: wire.FdKind, refusal: int = 0) -> None:
+    def _handshake(self, conn: Connection, kind: wire.FdKind, refusal: int = 0) -> None:
         conn.codec.max_message = IDLE_MAX_MESSAGE
-        hello = await conn.next_event()
+        hello = conn.next_event()
         if not isinstance(hello, wire.Hello):
             raise wire.RemoteProtocolError("the first frame must be HELLO")
         config = self.host.config
@@ -342,7 +381,7 @@ class Server:
             errno=refusal or (0 if hello.major == wire.VERSION[0] else errno.EPROTONOSUPPORT),
             extensions=uapi.KVMTAG_EXT_TAG_LOG,
         )  # fmt: skip
-        await conn.send(reply)
+        conn.send(reply)
         if reply.errno:
             raise ConnectionClosed
 
@@ -350,47 +389,43 @@ class Server:
         """Stop: accept nothing more, close every connection waiting for a request, and
         return once each request in flight is answered (its connection then closes). The
         caller bounds the wait and then cancels what is left."""
-        self.draining = True
         if self._accepting is not None:
             self._accepting.cancel()
-        for idle in list(self._idle):
-            idle.cancel()
-        # Let a connection whose request arrived just before the cancellation count it.
-        await trio.lowlevel.checkpoint()
-        if self._busy:
+        with self._lock:
+            self.draining = True
+            idle = list(self._idle)
+            busy = self._busy
+        for conn in idle:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RD)  # its blocked receive sees end of file
+        if busy:
             await self._quiet.wait()
 
-    async def _dispatch(
+    def _dispatch(
         self, conn: Connection, req: wire.Ioctl, target: KvmFile | Vm | Vcpu, process: Hashable
     ) -> wire.Reply:
         arg = INLINE_ADDR if req.inline is not None else req.arg
         spec = uapi.IOCTLS.get(req.request)
         if spec is None:
-            on_loop = True  # unknown to arm64 KVM: EINVAL, no memory touched
+            small = True  # unknown to arm64 KVM: EINVAL, no memory touched
         elif spec.arg in (uapi.Arg.INT, uapi.Arg.NONE):
             arg = req.arg  # a value, never a pointer: an inline struct means nothing here
-            on_loop = req.request in _ON_LOOP
+            small = req.request in _SMALL
         else:
-            on_loop = req.request in _ON_LOOP and req.inline is not None
+            small = req.request in _SMALL and req.inline is not None
 
         def adopt(vmas: list[Vma]) -> list[Vma]:
             return self._adopt(process, vmas)
 
-        mm = RemoteMemory(req, process, None if on_loop else conn.roundtrip, adopt)
-        if on_loop:
+        mm = RemoteMemory(req, process, conn.roundtrip, adopt)
+        if small:
             result = self.quota.ioctl(target, mm, req.request, arg)
         else:
-            # At most max_requests_per_process of one process's requests hold worker threads
-            # at once: a client that stalls its callbacks cannot take every thread.
-            per_process = self._process_limiters.get(process)
-            if per_process is None:
-                per_process = self._process_limiters[process] = trio.CapacityLimiter(
-                    self.limits.max_requests_per_process
-                )
-            async with per_process:
-                result = await trio.to_thread.run_sync(
-                    self.quota.ioctl, target, mm, req.request, arg, limiter=self.limiter
-                )
+            # Bulk work and anything that may reach user memory: at most `threads` at once,
+            # and at most max_requests_per_process of one process's (a client that stalls its
+            # callbacks holds only its own share).
+            with self._process_slots(process), self._work_slots:
+                result = self.quota.ioctl(target, mm, req.request, arg)
         back = bytes(mm.inline) if mm.written_back and mm.inline is not None else None
         if isinstance(result, Vm | Vcpu):
             return wire.Reply(req.id, 0, 0, back, self._new_connection(result, process))
@@ -398,24 +433,37 @@ class Server:
             return wire.Reply(req.id, -1, -result, back)
         return wire.Reply(req.id, result, 0, back)
 
+    def _process_slots(self, process: Hashable) -> threading.BoundedSemaphore:
+        with self._lock:
+            slots = self._process_limiters.get(process)
+            if slots is None:
+                slots = self._process_limiters[process] = threading.BoundedSemaphore(
+                    self.limits.max_requests_per_process
+                )
+            return slots
+
     def _new_connection(self, target: Vm | Vcpu, process: Hashable) -> list[int]:
         """A socketpair for a new VM or vCPU: serve one end, hand the other to the client
         (and, for a vCPU, the shared memory object behind its kvm_run area)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        ours.setblocking(False)
-        self._hold(process)  # (the quota checked that the process may open it)
-        assert self._nursery is not None
-        self._nursery.start_soon(
-            self.serve_connection, trio.socket.from_stdlib_socket(ours), target, process
-        )
         fds = [theirs.detach()]
         if isinstance(target, Vcpu):
             fds.append(os.dup(target.run_fd))  # the kvm_run area, which the model updates
+        trio.from_thread.run_sync(self._start_connection, ours, target, process)
         return fds
+
+    def _start_connection(self, ours: socket.socket, target: Vm | Vcpu, process: Hashable) -> None:
+        self._hold(process)  # (the quota checked that the process may open it)
+        assert self._nursery is not None
+        self._nursery.start_soon(self.serve_connection, ours, target, process)
 
     def _adopt(self, process: Hashable, vmas: list[Vma]) -> list[Vma]:
         """Hold the backing fds that came with a VMAS answer for the life of the process,
         one per (dev, ino), so an inode number cannot be reused under its tags."""
+        with self._lock:
+            return self._adopt_locked(process, vmas)
+
+    def _adopt_locked(self, process: Hashable, vmas: list[Vma]) -> list[Vma]:
         held = self._held.setdefault(process, {})
         out = []
         for vma in vmas:
@@ -443,10 +491,12 @@ class Server:
 
     def _release(self, process: Hashable) -> None:
         del self._connections[process]
-        self._process_limiters.pop(process, None)
+        with self._lock:
+            self._process_limiters.pop(process, None)
+            held = list(self._held.pop(process, {}).values())
         self.quota.process_released(process)
         self.host.release_process(process)
-        _close(list(self._held.pop(process, {}).values()))
+        _close(held)
         log.info("client process %s gone: its memory and tags released", process)
 
     def stats(self) -> dict[str, int]:
@@ -457,24 +507,29 @@ class Server:
             "vms": self.quota.vms(),
             "guest_memory": self.quota.guest_memory(),
             "tag_storage": self.host.tags.nbytes,
-            "backing_fds": sum(len(h) for h in self._held.values()),
+            "backing_fds": sum(len(h) for h in list(self._held.values())),
             "in_flight": self._busy,
             "served": self.served,
             "refused": self.refused,
             "tasks": _count_tasks(),
+            "threads": threading.active_count(),
         }
 
 
-async def _drain(sock: trio.socket.SocketType) -> None:
+def _drain(sock: socket.socket) -> None:
     """Read and drop what the peer still sends, briefly: closing a Unix socket with unread
     bytes makes the peer's next read fail with ECONNRESET before it sees our ERROR frame."""
     sock.shutdown(socket.SHUT_WR)
-    with trio.move_on_after(0.2):
-        for _ in range(64):
-            data, ancdata, _, _ = await sock.recvmsg(65536, _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
-            _close(_fds_of(ancdata))
-            if not data:
-                break
+    deadline = time.monotonic() + 0.2
+    for _ in range(64):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock.settimeout(left)
+        data, ancdata, _, _ = sock.recvmsg(65536, _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
+        _close(_fds_of(ancdata))
+        if not data:
+            break
 
 
 def _kind_of(target: KvmFile | Vm | Vcpu) -> wire.FdKind:
@@ -485,7 +540,7 @@ def _kind_of(target: KvmFile | Vm | Vcpu) -> wire.FdKind:
     return wire.FdKind.SYSTEM
 
 
-def _peer_credentials(sock: trio.socket.SocketType) -> Peer:
+def _peer_credentials(sock: socket.socket) -> Peer:
     """The connecting process, from SO_PEERCRED, logged."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", creds)
@@ -498,7 +553,7 @@ def _peer_credentials(sock: trio.socket.SocketType) -> Peer:
     return Peer(pid, uid, gid, start)
 
 
-def _peer_groups(sock: trio.socket.SocketType) -> set[int]:
+def _peer_groups(sock: socket.socket) -> set[int]:
     """The peer's supplementary groups (SO_PEERGROUPS, as they were when it connected)."""
     size = 64 * 4
     while True:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -138,6 +139,10 @@ _VMA = compiled(vma_record)
 _ERROR = compiled(error)
 HEADER_SIZE = _HEADER.size
 _LENGTH = compiled(cs.Struct("length" / cs.Int32ul))
+# Whole frames of the commonest exchange, an IOCTL with a value argument and its plain REPLY,
+# packed and parsed in one step each (Codec.ioctl_frame, Codec.plain_reply).
+_IOCTL_FRAME = struct.Struct(_HEADER.format + _IOCTL.format[1:])
+_REPLY_FRAME = struct.Struct(_HEADER.format + _REPLY.format[1:])
 _BULK = 65536  # frames larger than this are received in place and handed over without a copy
 
 # --- events ------------------------------------------------------------------------------------
@@ -365,6 +370,51 @@ class Codec:
     @property
     def buffered(self) -> int:
         return self._filled
+
+    def plain_reply(self, data: bytes | bytearray | memoryview) -> Reply | None:
+        """The fast path of receiving: `data`, received on an empty buffer with no descriptors,
+        as a REPLY, if it is exactly one REPLY frame that writes nothing back and carries no
+        descriptors (what most ioctls answer); else None, and nothing is consumed: give
+        `data` to receive_data."""
+        if self._filled or len(data) != _REPLY_FRAME.size:
+            return None
+        length, mtype, nfds, req_id, reserved, result, err, flags = _REPLY_FRAME.unpack_from(data)
+        if length != _REPLY_FRAME.size or mtype != MessageType.REPLY or nfds or reserved or flags:
+            return None
+        if self.daemon:
+            raise self._violation("REPLY may not be sent by this peer")
+        self._offset += length
+        return Reply(req_id, result, err)
+
+    def plain_ioctl(self, data: bytes | bytearray | memoryview) -> Ioctl | None:
+        """The daemon's fast path of receiving: like plain_reply, for an IOCTL frame with a
+        value argument (no inline struct)."""
+        if self._filled or len(data) != _IOCTL_FRAME.size:
+            return None
+        length, mtype, nfds, req_id, reserved, request, flags, arg = _IOCTL_FRAME.unpack_from(data)
+        if length != _IOCTL_FRAME.size or mtype != MessageType.IOCTL or nfds or reserved or flags:
+            return None
+        if not self.daemon:
+            raise self._violation("IOCTL may not be sent by this peer")
+        self._offset += length
+        return Ioctl(req_id, request, arg)
+
+    def reply_frame(self, req_id: int, result: int, err: int) -> bytes:
+        """The daemon's fast path of sending: the frame of Reply(req_id, result, err), with
+        nothing written back and no descriptors."""
+        if not self.daemon:
+            raise LocalProtocolError("REPLY may not be sent from this side")
+        return _REPLY_FRAME.pack(_REPLY_FRAME.size, MessageType.REPLY, 0, req_id, 0, result, err, 0)
+
+    def ioctl_frame(self, req_id: int, request: int, arg: int) -> bytes:
+        """The fast path of sending: the frame of Ioctl(req_id, request, arg), no inline
+        struct."""
+        if self.daemon:
+            raise LocalProtocolError("IOCTL may not be sent from this side")
+        return _IOCTL_FRAME.pack(
+            _IOCTL_FRAME.size, MessageType.IOCTL, 0, req_id, 0, request & 0xFFFFFFFF, 0,
+            arg & (2**64 - 1),
+        )  # fmt: skip
 
     def _violation(self, message: str) -> RemoteProtocolError:
         self.close_stray_fds()

@@ -25,9 +25,7 @@ class Recorder:
 def memory(recorder: Recorder, inline: bytes | None = None, writable: bool = False,
            window: int = 4096) -> RemoteMemory:
     req = wire.Ioctl(7, 0x8030AEB4, 0, inline, writable)
-    mem = RemoteMemory(req, "p", None, lambda v: v, window)
-    mem._call = recorder  # type: ignore[method-assign] # no event loop here: answer directly
-    return mem
+    return RemoteMemory(req, "p", recorder, lambda v: v, window)
 
 
 def test_reads_go_in_windows_and_stop_at_a_fault() -> None:

@@ -6,6 +6,8 @@ import os
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kvmtag import wire
 from kvmtag.usermem import Vma, VmaKind
@@ -190,3 +192,58 @@ def test_a_bulk_frame_is_received_in_place(piece: int) -> None:
     assert isinstance(got, wire.Write) and got.id == 9 and bytes(got.data) == payload
     receiver.receive_data(stream[at:])
     assert receiver.next_event() == wire.Read(10, 0x2000, 16)
+
+
+# --- the fast paths: one IOCTL with a value argument, one plain REPLY ------------------------
+
+U32, U64 = st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1)
+
+
+@given(U32, U32, U64)
+def test_fast_ioctl_frames_are_the_general_ones(req_id: int, request: int, arg: int) -> None:
+    client, daemon = wire.Codec(daemon=False), wire.Codec(daemon=True)
+    frame = client.ioctl_frame(req_id, request, arg)
+    assert frame == client.send(wire.Ioctl(req_id, request, arg))[0]
+    assert daemon.plain_ioctl(frame) == wire.Ioctl(req_id, request, arg)
+    assert daemon.next_event() is wire.NEED_DATA  # consumed, and the stream is in step
+    daemon.receive_data(frame)
+    assert daemon.next_event() == wire.Ioctl(req_id, request, arg)
+
+
+@given(U32, st.integers(-(2**63), 2**63 - 1), U32)
+def test_fast_reply_frames_are_the_general_ones(req_id: int, result: int, err: int) -> None:
+    client, daemon = wire.Codec(daemon=False), wire.Codec(daemon=True)
+    frame = daemon.reply_frame(req_id, result, err)
+    assert frame == daemon.send(wire.Reply(req_id, result, err))[0]
+    assert client.plain_reply(frame) == wire.Reply(req_id, result, err)
+    client.receive_data(frame)
+    assert client.next_event() == wire.Reply(req_id, result, err)
+
+
+@pytest.mark.parametrize("event", [
+    wire.Reply(1, 0, 0, written_back=b"\x01" * 8),  # writes back
+    wire.Reply(1, 0, 0, fds=[0]),  # carries a descriptor (declared in the header)
+    wire.Write(1, 0x1000, b"\x02" * 8),  # a callback
+    wire.Error(1, 71, "x" * 12),
+])  # fmt: skip
+def test_anything_else_takes_the_general_path(event: wire.Event) -> None:
+    client = wire.Codec(daemon=False)
+    frame = wire.Codec(daemon=True).frame(event)[0]
+    data = b"".join(bytes(p) for p in frame)
+    assert client.plain_reply(data) is None
+    assert client.plain_reply(data[:32]) is None
+    assert client.next_event() is wire.NEED_DATA and client.buffered == 0  # nothing consumed
+
+
+def test_fast_paths_need_an_empty_buffer_and_the_right_side() -> None:
+    client, daemon = wire.Codec(daemon=False), wire.Codec(daemon=True)
+    reply = daemon.reply_frame(1, 0, 0)
+    client.receive_data(reply[:5])  # a frame already begun: its bytes come first
+    assert client.plain_reply(reply) is None
+    assert daemon.plain_ioctl(b"") is None
+    with pytest.raises(wire.RemoteProtocolError):
+        daemon.plain_reply(reply)
+    with pytest.raises(wire.LocalProtocolError):
+        client.reply_frame(1, 0, 0)
+    with pytest.raises(wire.LocalProtocolError):
+        daemon.ioctl_frame(1, 0, 0)
