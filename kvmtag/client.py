@@ -38,6 +38,9 @@ from kvmtag.usermem import Vma
 
 _ANC_SIZE = _socket.CMSG_SPACE(wire.MAX_FDS * 4)
 _RECV_SIZE = wire.MAX_MESSAGE  # a whole bulk frame in one receive when the socket has it
+SHARED_WINDOW = True
+"""Ask kvmtagd for a shared window on new connections (docs/PROTOCOL.md): bulk copies then skip
+the socket. False speaks protocol 1.0's READ and WRITE only (tests of that path)."""
 
 
 def device_path() -> str:
@@ -77,6 +80,7 @@ class _File:
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     hello: wire.HelloReply | None = None
     run_fd: int | None = None  # vCPU: the shared memory behind kvm_run
+    window: _mmap.mmap | None = None  # VM: the window shared with kvmtagd for bulk copies
     broken: bool = False
 
 
@@ -169,6 +173,8 @@ def close(fd: int) -> None:
             file = _files.pop(key, None)
         if file is not None and file.run_fd is not None:
             os.close(file.run_fd)
+        if file is not None and file.window is not None:
+            file.window.close()
 
 
 def mmap(fd: int, size: int) -> _mmap.mmap:
@@ -203,9 +209,17 @@ def _connect(path: str, cloexec: bool) -> int:
 
 
 def _handshake(file: _File, fd: int) -> None:
-    reply = _exchange(file, fd, wire.Hello(next(file.ids)))
+    hello = wire.Hello(next(file.ids), flags=wire.HELLO_SHARED_WINDOW if SHARED_WINDOW else 0)
+    reply = _exchange(file, fd, hello)
     if not isinstance(reply, wire.HelloReply):
         raise _eio("no handshake")
+    if reply.fds:
+        try:
+            if len(reply.fds) != 1 or reply.errno:
+                raise _eio(f"{len(reply.fds)} descriptors with the handshake")
+            file.window = _mmap.mmap(reply.fds[0], reply.window, _mmap.MAP_SHARED)
+        finally:
+            _close_fds(reply.fds)
     if reply.errno:
         raise OSError(reply.errno, f"kvmtagd refused the connection: {os.strerror(reply.errno)}")
     file.hello = reply
@@ -239,6 +253,9 @@ def _exchange(file: _File, fd: int, event: wire.Event) -> wire.Event:
                 if isinstance(answer, wire.Read | wire.Write | wire.Vmas):
                     _serve_callback(sock, file.codec, answer)
                     continue
+                if isinstance(answer, wire.ReadWindow | wire.WriteWindow):
+                    _serve_window(sock, file, answer)
+                    continue
                 if isinstance(answer, wire.Error):
                     raise wire.RemoteProtocolError(f"kvmtagd: {answer.message}")
                 return answer
@@ -269,6 +286,21 @@ def _serve_callback(sock: _socket.socket, codec: wire.Codec, ask: wire.Event) ->
             _send(sock, codec, wire.VmasData(ask.id, _limit_fds(vmas)))
         finally:
             _close_fds([v.fd for v in vmas if v.fd is not None])
+
+
+def _serve_window(sock: _socket.socket, file: _File, ask: wire.ReadWindow | wire.WriteWindow
+                  ) -> None:  # fmt: skip
+    if file.window is None or ask.size > len(file.window):
+        raise wire.RemoteProtocolError(f"{type(ask).__name__} of {ask.size} bytes: no such window")
+    view = memoryview(file.window)[: ask.size]
+    try:
+        if isinstance(ask, wire.ReadWindow):
+            count = procmem.read_into(ask.addr, view)
+        else:
+            count = procmem.write_memory(ask.addr, view)
+    finally:
+        view.release()  # so the window can be unmapped when the file is forgotten
+    sock.sendall(file.codec.send(wire.WindowDone(ask.id, count))[0])
 
 
 def _limit_fds(vmas: list[Vma]) -> list[Vma]:

@@ -74,8 +74,7 @@ def copy(slots: Memslots, mm: UserMemory, args: CopyTagsArgs, config: HostConfig
 
 
 def _from_guest(mm: UserMemory, addr: int, runs: list[Run], reachable: int, tpp: int) -> int:
-    buf = bytearray(reachable * tpp)
-    view = memoryview(buf)
+    buf = view = mm.bounce_buffer(reachable * tpp)
     at = 0
     for run in runs:
         run.backing.read(run.index, run.npages, view[at : at + run.npages * tpp])

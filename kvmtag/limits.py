@@ -321,3 +321,6 @@ class _Pinned:
 
     def find_vmas(self, start: int, end: int) -> list[Vma]:
         return list(self._mm.find_vmas(start, end))
+
+    def bounce_buffer(self, size: int) -> memoryview:
+        return self._mm.bounce_buffer(size)

@@ -12,6 +12,7 @@ connection, so a large copy never blocks other connections.
 from __future__ import annotations
 
 import logging
+import mmap
 from collections.abc import Callable, Hashable, Sequence
 
 from kvmtag import wire
@@ -19,6 +20,7 @@ from kvmtag.usermem import Buffer, Vma
 
 log = logging.getLogger("kvmtag.daemon")
 
+BULK = 4096  # copies larger than this use the shared window, when the connection has one
 # Not a 64-bit value at all, so no pointer inside a struct can ever name the inline struct.
 INLINE_ADDR = 2**64
 Roundtrip = Callable[[wire.Event], wire.Event]
@@ -34,12 +36,17 @@ class RemoteMemory:
         roundtrip: Roundtrip | None,
         adopt_vmas: Callable[[list[Vma]], list[Vma]],
         window: int = wire.WINDOW,
+        shared: mmap.mmap | None = None,
     ) -> None:
         self._req = request
         self._process = process
         self._roundtrip = roundtrip  # None: no callbacks (the caller has no memory to reach)
         self._adopt = adopt_vmas
         self._window = window
+        # The connection's shared window, if it has one: bulk callbacks move their data there
+        # (READ_WINDOW, WRITE_WINDOW) instead of through the socket.
+        self._shared = memoryview(shared) if shared is not None else None
+        self._bounce: memoryview | None = None  # the last bounce_buffer, if it is the window
         self.inline = bytearray(request.inline) if request.inline is not None else None
         self.written_back = False
 
@@ -59,6 +66,8 @@ class RemoteMemory:
             return bytes(self.inline[at : at + size])
         if not 0 <= addr < INLINE_ADDR:
             return b""  # beyond the inline struct, or no address at all: a fault
+        if self._shared is not None and size > BULK:
+            return self._read_shared(addr, size)
         pieces: list[Buffer] = []
         done = 0
         while done < size:
@@ -91,6 +100,8 @@ class RemoteMemory:
             return n
         if not 0 <= addr < INLINE_ADDR:
             return 0
+        if self._shared is not None and len(view) > BULK:
+            return self._write_shared(addr, view, staged=data is self._bounce)
         done = 0
         while done < len(view):
             n = min(self._window, len(view) - done, INLINE_ADDR - addr - done)
@@ -105,6 +116,62 @@ class RemoteMemory:
             if got.written < n:
                 break
         return done
+
+    def bounce_buffer(self, size: int) -> memoryview:
+        """The shared window itself when it is large enough: filling it and giving it to
+        copy_to_user then costs no extra copy."""
+        if self._shared is not None and BULK < size <= len(self._shared):
+            self._bounce = self._shared[:size]
+            return self._bounce
+        return memoryview(bytearray(size))
+
+    def _read_shared(self, addr: int, size: int) -> Buffer:
+        """A bulk copy_from_user through the shared window. Within one window the answer is
+        the window itself (valid until the next callback of this request: the model uses
+        each read at once); beyond, the windows are gathered."""
+        assert self._shared is not None
+        window = len(self._shared)
+        pieces: list[Buffer] = []
+        done = 0
+        while done < size:
+            n = min(window, size - done, INLINE_ADDR - addr - done)
+            if n <= 0:
+                break  # the address space ends here
+            got = self._window_call(wire.ReadWindow(self._req.id, addr + done, n), n)
+            if size <= window:
+                return self._shared[:got]
+            pieces.append(bytes(self._shared[:got]))
+            done += got
+            if got < n:
+                break
+        return b"".join(pieces)
+
+    def _write_shared(self, addr: int, view: memoryview, staged: bool) -> int:
+        """A bulk copy_to_user through the shared window; `staged`: the data is already there
+        (it is the bounce buffer)."""
+        assert self._shared is not None
+        window = len(self._shared)
+        self._bounce = None
+        done = 0
+        while done < len(view):
+            n = min(window, len(view) - done, INLINE_ADDR - addr - done)
+            if n <= 0:
+                break
+            if not staged:
+                self._shared[:n] = view[done : done + n]
+            got = self._window_call(wire.WriteWindow(self._req.id, addr + done, n), n)
+            done += got
+            if got < n:
+                break
+        return done
+
+    def _window_call(self, event: wire.ReadWindow | wire.WriteWindow, n: int) -> int:
+        got = self._call(event)
+        if got is None:
+            return 0
+        if not isinstance(got, wire.WindowDone) or got.count > n:
+            raise wire.RemoteProtocolError(f"{type(event).__name__} answered with {got!r:.80}")
+        return got.count
 
     def find_vmas(self, start: int, end: int) -> Sequence[Vma]:
         got = self._call(wire.Vmas(self._req.id, start, end))

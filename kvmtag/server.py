@@ -25,8 +25,10 @@ import array
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import gc
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -109,6 +111,7 @@ class Connection:
         sock.setblocking(True)
         self.sock = sock
         self.codec = wire.Codec(daemon=True)
+        self.window: mmap.mmap | None = None  # shared with the client, if it asked (VM only)
         # Small frames are received into this, then handed to the codec; bulk frames go
         # straight into their own buffer (Codec.receive_into).
         self._rbuf = bytearray(65536)
@@ -158,7 +161,8 @@ class Connection:
         """A callback of the request in flight: send it, return the client's answer."""
         self.send(event)
         answer = self.next_event()
-        expected = {wire.Read: wire.ReadData, wire.Write: wire.WriteDone, wire.Vmas: wire.VmasData}
+        expected = {wire.Read: wire.ReadData, wire.Write: wire.WriteDone, wire.Vmas: wire.VmasData,
+                    wire.ReadWindow: wire.WindowDone, wire.WriteWindow: wire.WindowDone}
         if answer.id != event.id or not isinstance(answer, expected[type(event)]):
             _close(getattr(answer, "fds", []))
             got, asked = type(answer).__name__, type(event).__name__
@@ -334,6 +338,9 @@ class Server:
                 self._idle.discard(conn)
             sock.close()
             conn.codec.close_stray_fds()
+            if conn.window is not None:
+                with contextlib.suppress(BufferError):  # a view still held: the GC unmaps it
+                    conn.window.close()
 
     def _serve(
         self, conn: Connection, kind: wire.FdKind, target: KvmFile | Vm | Vcpu, process: Hashable
@@ -381,7 +388,14 @@ class Server:
             errno=refusal or (0 if hello.major == wire.VERSION[0] else errno.EPROTONOSUPPORT),
             extensions=uapi.KVMTAG_EXT_TAG_LOG,
         )  # fmt: skip
-        conn.send(reply)
+        # Bulk copies (COPY_TAGS, the tag log) are VM ioctls: only a VM connection gets a window.
+        if not reply.errno and kind is wire.FdKind.VM and hello.flags & wire.HELLO_SHARED_WINDOW:
+            fd, conn.window = _shared_window(reply.window)
+            reply.fds = [fd]
+        try:
+            conn.send(reply)
+        finally:
+            _close(reply.fds)
         if reply.errno:
             raise ConnectionClosed
 
@@ -417,7 +431,7 @@ class Server:
         def adopt(vmas: list[Vma]) -> list[Vma]:
             return self._adopt(process, vmas)
 
-        mm = RemoteMemory(req, process, conn.roundtrip, adopt)
+        mm = RemoteMemory(req, process, conn.roundtrip, adopt, shared=conn.window)
         if small:
             result = self.quota.ioctl(target, mm, req.request, arg)
         else:
@@ -530,6 +544,20 @@ def _drain(sock: socket.socket) -> None:
         _close(_fds_of(ancdata))
         if not data:
             break
+
+
+def _shared_window(size: int) -> tuple[int, mmap.mmap]:
+    """A shared memory window for bulk callbacks: a memfd sealed at its size, so the client
+    can neither shrink it under the daemon (SIGBUS) nor grow it; and the daemon's mapping."""
+    fd = os.memfd_create("kvmtag-window", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                    | fcntl.F_SEAL_SEAL)  # fmt: skip
+        return fd, mmap.mmap(fd, size, mmap.MAP_SHARED)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _kind_of(target: KvmFile | Vm | Vcpu) -> wire.FdKind:

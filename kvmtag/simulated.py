@@ -98,6 +98,9 @@ class SimulatedProcess:
             done += hi - lo
         return done
 
+    def bounce_buffer(self, size: int) -> memoryview:
+        return memoryview(bytearray(size))
+
     def find_vmas(self, start: int, end: int) -> Sequence[Vma]:
         i = max(bisect.bisect_right(self._starts, start) - 1, 0)
         return [m.vma for m in self._maps[i:] if m.start < end and m.end > start]

@@ -75,3 +75,9 @@ class UserMemory(Protocol):
     def find_vmas(self, start: int, end: int) -> Sequence[Vma]:
         """The mappings intersecting [start, end), in ascending order (holes omitted)."""
         ...
+
+    def bounce_buffer(self, size: int) -> memoryview:
+        """A writable scratch buffer of `size` bytes to fill and then give whole to
+        copy_to_user (the kernel's bounce buffer). kvmtagd's is the connection's shared
+        window, which spares a copy; valid until the next call on this object."""
+        ...

@@ -31,7 +31,7 @@ from kvmtag.uapi import compiled
 from kvmtag.usermem import Vma, VmaKind
 
 MAGIC = b"KVMT"
-VERSION = (1, 0)
+VERSION = (1, 1)  # 1.1: the shared window (HELLO_SHARED_WINDOW); a 1.0 peer never sees it
 MAX_FDS = 32  # descriptors in one frame
 WINDOW = 4 << 20  # bytes of user memory moved by one READ or WRITE callback
 MAX_MESSAGE = WINDOW + 4096  # largest frame either side sends or accepts
@@ -49,12 +49,16 @@ class MessageType(enum.IntEnum):
     VMAS = 9  # daemon → client: the mappings of a range (memslot creation)
     VMAS_DATA = 10  # client → daemon (may carry fds: one per mapping that has one)
     ERROR = 11  # daemon → client: protocol violation; the daemon then closes
+    READ_WINDOW = 12  # daemon → client: copy_from_user into the shared window (1.1)
+    WRITE_WINDOW = 13  # daemon → client: copy_to_user from the shared window (1.1)
+    WINDOW_DONE = 14  # client → daemon: bytes copied by READ_WINDOW or WRITE_WINDOW (1.1)
 
 
 FROM_CLIENT = {MessageType.HELLO, MessageType.IOCTL, MessageType.READ_DATA,
-               MessageType.WRITE_DONE, MessageType.VMAS_DATA}  # fmt: skip
+               MessageType.WRITE_DONE, MessageType.VMAS_DATA, MessageType.WINDOW_DONE}  # fmt: skip
 FROM_DAEMON = set(MessageType) - FROM_CLIENT
-MAY_CARRY_FDS = {MessageType.REPLY, MessageType.VMAS_DATA}
+MAY_CARRY_FDS = {MessageType.HELLO_REPLY, MessageType.REPLY, MessageType.VMAS_DATA}
+HELLO_SHARED_WINDOW = 1 << 0  # HELLO flags: the client can use a shared window (below)
 
 
 class FdKind(enum.IntEnum):
@@ -118,6 +122,8 @@ vma_record = cs.Struct(
     "flags" / cs.Int32ul,  # VMA_SHARED | VMA_WRITABLE | VMA_HAS_FD | VMA_READABLE
 )
 error = cs.Struct("code" / cs.Int32ul)  # followed by a UTF-8 message
+window_op = cs.Struct("addr" / cs.Int64ul, "size" / cs.Int64ul)  # READ_WINDOW, WRITE_WINDOW
+window_done = cs.Struct("count" / cs.Int64ul)
 
 IOCTL_INLINE = 1 << 0  # an inline struct follows: the ioctl's argument points at it
 IOCTL_INLINE_WRITABLE = 1 << 1  # the inline struct may be written back (a writable buffer)
@@ -137,6 +143,8 @@ _VMAS = compiled(vmas)
 _VMAS_DATA = compiled(vmas_data)
 _VMA = compiled(vma_record)
 _ERROR = compiled(error)
+_WINDOW_OP = compiled(window_op)
+_WINDOW_DONE = compiled(window_done)
 HEADER_SIZE = _HEADER.size
 _LENGTH = compiled(cs.Struct("length" / cs.Int32ul))
 # Whole frames of the commonest exchange, an IOCTL with a value argument and its plain REPLY,
@@ -169,6 +177,7 @@ class HelloReply:
     window: int = WINDOW
     major: int = VERSION[0]
     minor: int = VERSION[1]
+    fds: list[int] = field(default_factory=list)  # the shared window, if one was asked for
 
 
 @dataclass
@@ -230,6 +239,30 @@ class VmasData:
 
 
 @dataclass
+class ReadWindow:
+    """Read [addr, addr+size) of your memory into the shared window, from its first byte."""
+
+    id: int
+    addr: int
+    size: int
+
+
+@dataclass
+class WriteWindow:
+    """Write the shared window's first size bytes at addr."""
+
+    id: int
+    addr: int
+    size: int
+
+
+@dataclass
+class WindowDone:
+    id: int
+    count: int  # bytes copied, a prefix: fewer than asked means a fault there
+
+
+@dataclass
 class Error:
     id: int
     code: int
@@ -238,7 +271,7 @@ class Error:
 
 Event = (
     Hello | HelloReply | Ioctl | Reply | Read | ReadData | Write | WriteDone | Vmas | VmasData
-    | Error
+    | ReadWindow | WriteWindow | WindowDone | Error
 )
 
 
@@ -465,7 +498,7 @@ def _encode(event: Event) -> tuple[MessageType, Body, list[int]]:
             event.max_fds, event.window, event.errno, event.extensions,
             event.profile.encode("ascii"),
         )  # fmt: skip
-        return MessageType.HELLO_REPLY, body, []
+        return MessageType.HELLO_REPLY, body, list(event.fds)
     if isinstance(event, Ioctl):
         flags = 0
         if event.inline is not None:
@@ -497,6 +530,12 @@ def _encode(event: Event) -> tuple[MessageType, Body, list[int]]:
             ))  # fmt: skip
         fds = [vma.fd for vma in event.vmas if vma.fd is not None]
         return MessageType.VMAS_DATA, _VMAS_DATA.pack(len(records), 0) + b"".join(records), fds
+    if isinstance(event, ReadWindow):
+        return MessageType.READ_WINDOW, _WINDOW_OP.pack(event.addr, event.size), []
+    if isinstance(event, WriteWindow):
+        return MessageType.WRITE_WINDOW, _WINDOW_OP.pack(event.addr, event.size), []
+    if isinstance(event, WindowDone):
+        return MessageType.WINDOW_DONE, _WINDOW_DONE.pack(event.count), []
     if isinstance(event, Error):
         return MessageType.ERROR, _ERROR.pack(event.code) + event.message.encode(), []
     raise LocalProtocolError(f"not an event: {event!r}")
@@ -525,7 +564,7 @@ def _decode(kind: MessageType, req_id: int, body: bytes | memoryview, fds: list[
         assert isinstance(profile, bytes) and isinstance(fd_kind, int)
         return HelloReply(
             req_id, FdKind(fd_kind), int(page), profile.rstrip(b"\0").decode("ascii"), int(err),
-            int(ext), int(max_msg), int(max_fds), int(window), int(major), int(minor),
+            int(ext), int(max_msg), int(max_fds), int(window), int(major), int(minor), fds,
         )  # fmt: skip
     if kind is MessageType.IOCTL:
         request, flags, arg = _fixed(_IOCTL, body, exact=False)
@@ -556,6 +595,13 @@ def _decode(kind: MessageType, req_id: int, body: bytes | memoryview, fds: list[
         return Vmas(req_id, int(start), int(end))
     if kind is MessageType.VMAS_DATA:
         return _decode_vmas(req_id, body, fds)
+    if kind is MessageType.READ_WINDOW or kind is MessageType.WRITE_WINDOW:
+        addr, size = _fixed(_WINDOW_OP, body)
+        op = ReadWindow if kind is MessageType.READ_WINDOW else WriteWindow
+        return op(req_id, int(addr), int(size))
+    if kind is MessageType.WINDOW_DONE:
+        (count,) = _fixed(_WINDOW_DONE, body)
+        return WindowDone(req_id, int(count))
     code, = _fixed(_ERROR, body, exact=False)  # fmt: skip
     return Error(req_id, int(code), bytes(body[_ERROR.size :]).decode(errors="replace"))
 

@@ -237,6 +237,17 @@ def vmm(kvmtagd: str) -> Iterator[Vmm]:
     v.finish()
 
 
+@pytest.fixture(params=[True, False], ids=["shared window", "socket"])
+def bulk_vmm(
+    kvmtagd: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Vmm]:
+    """A VMM whose bulk copies go through the shared window, or (protocol 1.0) the socket."""
+    monkeypatch.setattr(client, "SHARED_WINDOW", request.param)
+    v = Vmm(kvmtagd)
+    yield v
+    v.finish()
+
+
 # --- open() -----------------------------------------------------------------------------------
 
 
@@ -531,7 +542,8 @@ def test_a_struct_address_that_faults_is_efault(vmm: Vmm) -> None:
 # --- pointers inside structs -------------------------------------------------------------------
 
 
-def test_copy_tags_with_an_unmapped_buffer_is_efault(vmm: Vmm) -> None:
+def test_copy_tags_with_an_unmapped_buffer_is_efault(bulk_vmm: Vmm) -> None:
+    vmm = bulk_vmm
     vm = vmm.vm()
     vmm.ram(vm, 4)
     hole = vmm.buffer(PAGE)
@@ -549,9 +561,10 @@ def test_copy_tags_with_an_unmapped_buffer_is_efault(vmm: Vmm) -> None:
     assert client.ioctl(vm, COPY_TAGS, copy_tags(GPA, 4 * PAGE, readonly, TO)) == 4 * PAGE
 
 
-def test_copy_tags_with_a_partly_mapped_buffer_is_partial(vmm: Vmm) -> None:
+def test_copy_tags_with_a_partly_mapped_buffer_is_partial(bulk_vmm: Vmm) -> None:
     """The tag buffer holds 2.5 pages of tags, then faults: 2 pages are done, in both
     directions, and the caller is still alive to see it."""
+    vmm = bulk_vmm
     vm = vmm.vm()
     vmm.ram(vm, 8)
     old = tags_of(8 * TPP, 5)
@@ -569,6 +582,29 @@ def test_copy_tags_with_a_partly_mapped_buffer_is_partial(vmm: Vmm) -> None:
         2 * PAGE
     )
     assert ctypes.string_at(start, 2 * TPP) == old[4 * TPP : 6 * TPP]
+
+
+def test_a_bulk_copy_that_faults_midway_is_partial(bulk_vmm: Vmm) -> None:
+    """As above, with more tags than one small copy (the shared window's path): 40.5 pages of
+    tags, then a fault."""
+    vmm = bulk_vmm
+    npages = 64
+    vm = vmm.vm()
+    vmm.ram(vm, npages)
+    old = tags_of(npages * TPP, 5)
+    assert vmm.to_guest(vm, GPA, old) == npages * PAGE
+    buffer_pages = -(-41 * TPP // PAGE)
+    base = vmm.buffer((buffer_pages + 1) * PAGE)
+    protect(base + buffer_pages * PAGE, PAGE, PROT_NONE)
+    start = base + buffer_pages * PAGE - (81 * TPP // 2)  # 40.5 pages of tags before the fault
+    new = tags_of(81 * TPP // 2, 6)
+    ctypes.memmove(start, new, len(new))
+    assert client.ioctl(vm, COPY_TAGS, copy_tags(GPA, npages * PAGE, start, TO)) == 40 * PAGE
+    expected = new[: 40 * TPP] + bytes(TPP) + old[41 * TPP :]
+    assert vmm.from_guest(vm, GPA, npages) == expected
+    ctypes.memset(start, 0xFF, len(new))
+    assert client.ioctl(vm, COPY_TAGS, copy_tags(GPA, npages * PAGE, start, FROM)) == 40 * PAGE
+    assert ctypes.string_at(start, 81 * TPP // 2) == expected[: 81 * TPP // 2]
 
 
 @pytest.mark.parametrize("by", ["buffer", "address"])
@@ -624,12 +660,13 @@ def test_a_vm_lives_while_any_fd_refers_to_it(tmp_path: Path) -> None:
             kvm = vmm.open()
             before = len(daemon_fds(proc.pid))
             vm = vmm.ioctl(kvm, uapi.KVM_CREATE_VM, 0)
-            wait_until(lambda: len(daemon_fds(proc.pid)) == before + 1, "the VM is served")
+            # The VM's connection and the window it shares with this client.
+            wait_until(lambda: len(daemon_fds(proc.pid)) == before + 2, "the VM is served")
             dup = vmm.dup(vm)
             vmm.close(vm)
             assert errno_of(lambda: client.ioctl(vm, uapi.KVM_CHECK_EXTENSION, 1)) == errno.EBADF
             assert client.ioctl(dup, uapi.KVM_ENABLE_CAP, enable_cap(uapi.KVM_CAP_ARM_MTE)) == 0
-            assert len(daemon_fds(proc.pid)) == before + 1
+            assert len(daemon_fds(proc.pid)) == before + 2
             vmm.close(dup)
             wait_until(lambda: len(daemon_fds(proc.pid)) == before, "the daemon ends the VM")
             assert errno_of(lambda: client.ioctl(dup, uapi.KVM_CHECK_EXTENSION, 1)) == errno.EBADF
@@ -853,7 +890,8 @@ def test_fork_reconnects_system_fds_and_vm_fds_answer_eio(vmm: Vmm) -> None:
 # --- big copies --------------------------------------------------------------------------------
 
 
-def test_copy_tags_of_256_mib_of_guest_ram_in_one_call(vmm: Vmm) -> None:
+def test_copy_tags_of_256_mib_of_guest_ram_in_one_call(bulk_vmm: Vmm) -> None:
+    vmm = bulk_vmm
     size = 256 << 20
     vm = vmm.vm()
     vmm.ram(vm, size // PAGE)

@@ -97,6 +97,11 @@ def connectable(path: Path) -> bool:
     return True
 
 
+VM_FDS = 2
+"""What a VM's connection costs kvmtagd in fds: its socket, and the window it shares with the
+Python client (the memfd behind the mapping)."""
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -624,8 +629,9 @@ def test_a_client_gone_mid_request_disturbs_no_one(
     leaving.close()  # every fd of its VM and its system fd: both connections close
     # (The memory it registered stays held: this process is still connected, by `good`.)
     wait_until(
-        lambda: fd_count(pid) == before - 2, "kvmtagd drops the vanished connections", CLOSE_TIMEOUT
-    )
+        lambda: fd_count(pid) == before - 1 - VM_FDS,
+        "kvmtagd drops the vanished connections", CLOSE_TIMEOUT,
+    )  # fmt: skip
     still_serving(path, good, pid)
 
 
@@ -655,8 +661,9 @@ def test_a_bad_callback_answer_closes_that_connection_only(
             lambda: closed_everywhere(r), "kvmtagd closes the stray descriptor", CLOSE_TIMEOUT
         )
         wait_until(
-            lambda: fd_count(pid) == before - 1, "kvmtagd closes the VM connection", CLOSE_TIMEOUT
-        )
+            lambda: fd_count(pid) == before - VM_FDS, "kvmtagd closes the VM connection",
+            CLOSE_TIMEOUT,
+        )  # fmt: skip
         assert client.ioctl(bad.kvm, uapi.KVM_GET_API_VERSION) == 12  # its other connection
     finally:
         bad.close()
@@ -666,8 +673,9 @@ def test_a_bad_callback_answer_closes_that_connection_only(
     still_serving(path, good, pid)
 
 
+@pytest.mark.parametrize("shared_window", [True, False], ids=["shared window", "socket"])
 def test_a_client_claiming_memory_at_the_top_of_the_address_space_crashes_nothing(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_window: bool
 ) -> None:
     """A client may lie about its memory: here it says the whole last MiB of the address space
     is readable. The copy then reaches the end of the address space (2**64), where no user
@@ -675,6 +683,7 @@ def test_a_client_claiming_memory_at_the_top_of_the_address_space_crashes_nothin
     with running_kvmtagd(tmp_path) as (path, proc):
         good = Vmm(path)
         npages = 2 * wire.WINDOW // TPP  # guest RAM whose tags fill two windows
+        monkeypatch.setattr(client, "SHARED_WINDOW", shared_window)
         liar = Vmm(path, npages=npages)
         try:
             with Raw(socket.socket(fileno=os.dup(liar.vm))) as raw:
@@ -682,8 +691,13 @@ def test_a_client_claiming_memory_at_the_top_of_the_address_space_crashes_nothin
                 args = copy_tags(GPA, npages * PAGE, top, TO)
                 raw.send_event(wire.Ioctl(500, COPY_TAGS, 0, args, True))
                 ask = raw.receive()
-                assert isinstance(ask, wire.Read) and (ask.addr, ask.size) == (top, wire.WINDOW)
-                raw.send_event(wire.ReadData(500, bytes(ask.size)))
+                if shared_window:
+                    assert isinstance(ask, wire.ReadWindow), ask
+                    assert (ask.addr, ask.size) == (top, wire.WINDOW)
+                    raw.send_event(wire.WindowDone(500, ask.size))
+                else:
+                    assert isinstance(ask, wire.Read) and (ask.addr, ask.size) == (top, wire.WINDOW)
+                    raw.send_event(wire.ReadData(500, bytes(ask.size)))
                 answer = raw.receive()  # the second window would start at 2**64
                 assert answer is None or isinstance(answer, wire.Reply | wire.Error), answer
                 if isinstance(answer, wire.Reply):  # the first window was done, then a fault
