@@ -45,8 +45,11 @@ BENCHMARKS = {
     "tagkernel": "kvmtag.bench.tagkernel",
     "copy_tags": "kvmtag.bench.copytags",
     "roundtrip": "kvmtag.bench.roundtrip",
+    "scaling": "kvmtag.bench.scaling",
+    "migration": "kvmtag.bench.migration",
 }
-"""Name on the command line -> module with title(settings) and run(settings, context)."""
+"""Name on the command line -> module with title(settings) and run(settings, context); they run
+in this order (the slowest last)."""
 
 
 def modules(names: set[str]) -> dict[str, ModuleType]:
@@ -67,29 +70,55 @@ def run_benchmarks(settings: Settings, names: set[str]) -> list[Figure]:
     return figures
 
 
-def _scale(f: Figure) -> tuple[float, str]:
-    if f.unit == "B":
+def _scale(group: list[Figure]) -> tuple[float, str]:
+    """One unit for a group's medians: latencies in µs, others by the baseline's size."""
+    if group[0].unit == "B":
         return 2**-20, "MiB"
-    return (1e6, "µs") if f.p99 is not None else (1e3, "ms")
+    if group[0].p99 is not None or group[0].baseline_median < 1e-4:
+        return 1e6, "µs"
+    return (1.0, "s") if group[0].baseline_median >= 10 else (1e3, "ms")
+
+
+def _groups(figures: list[Figure]) -> list[list[Figure]]:
+    """Figures by baseline, in order of first appearance."""
+    groups: dict[str, list[Figure]] = {}
+    for f in figures:
+        groups.setdefault(f.baseline, []).append(f)
+    return list(groups.values())
+
+
+def _extras(f: Figure) -> str:
+    return "  ".join(
+        f"{k} {v:.0f}" if abs(v) >= 100 else f"{k} {v:.3g}" for k, v in f.extra.items()
+    )
 
 
 def format_table(figures: list[Figure], settings: Settings) -> str:
-    lines = [f"{settings.repeats} repeats; median, min and max over repeats"]
+    """One section per benchmark (its title, then its figures); within it, one block per
+    baseline, headed by its columns, the baseline first."""
+    repeats = f"{settings.repeats} repeats"
+    if any(f.benchmark == "migration" for f in figures):
+        repeats += f" (migration: {settings.migration_repeats})"
+    lines = [f"{repeats}; median, min and max over repeats"]
     for benchmark, module in modules({f.benchmark for f in figures}).items():
-        group = [f for f in figures if f.benchmark == benchmark]
-        rate = "p99" if group[0].p99 is not None else "GiB/s"
-        lines += ["", module.title(settings), f"{'case':<28} {'median':>14} {'min':>10} "
-                  f"{'max':>10} {rate:>8} {'ratio':>6}  goal"]  # fmt: skip
-        for f in group:
-            scale, unit = _scale(f)
-            extra = (f.p99 or 0) * scale if f.p99 is not None else f.gib_per_s or 0
-            verdict = "" if f.goal is None else f"{f.goal}: {'ok' if f.met else 'MISSED'}"
-            if f.spread > SPREAD_WARNING:
-                verdict += f" (noisy: spread {f.spread:.0%})"
-            lines.append(
-                f"{f.name:<28} {f.median * scale:>10.2f} {unit:<3} {f.min * scale:>10.2f} "
-                f"{f.max * scale:>10.2f} {extra:>8.2f} {f.ratio:>6.2f}  {verdict}"
-            )
+        lines += ["", module.title(settings)]
+        for group in _groups([f for f in figures if f.benchmark == benchmark]):
+            scale, unit = _scale(group)
+            rate = "p99" if group[0].p99 is not None else "GiB/s" if group[0].gib_per_s else ""
+            lines.append(f"{'case':<28} {'median':>14} {'min':>10} {'max':>10} {rate:>8} "
+                         f"{'ratio':>6}  goal")  # fmt: skip
+            for f in group:
+                extra = f.p99 * scale if f.p99 is not None else f.gib_per_s
+                verdict = "" if f.goal is None else f"{f.goal}: {'ok' if f.met else 'MISSED'}"
+                if f.spread > SPREAD_WARNING:
+                    verdict += f" (noisy: spread {f.spread:.0%})"
+                if f.extra:
+                    verdict += f"  [{_extras(f)}]"
+                lines.append(
+                    f"{f.name:<28} {f.median * scale:>10.2f} {unit:<3} {f.min * scale:>10.2f} "
+                    f"{f.max * scale:>10.2f} {'' if extra is None else f'{extra:.2f}':>8} "
+                    f"{f.ratio:>6.2f}  {verdict.strip()}".rstrip()
+                )
     return "\n".join(lines)
 
 

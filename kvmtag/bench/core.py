@@ -38,10 +38,25 @@ class Settings:
     guest_bytes: int  # copy_tags: guest RAM copied per ioctl (its tags are 1/16 of it)
     iterations: int  # roundtrip: calls per repeat
     repeats: int
+    # scaling: concurrent client processes, and the calls all of them make together per repeat
+    # (split evenly); each client's VM has one memslot of `client_guest_bytes`
+    clients: tuple[int, ...] = (1, 8, 64)
+    small_calls: int = 4096
+    bulk_calls: int = 128
+    client_guest_bytes: int = 64 << 20
+    memslots: int = 30000  # scaling: the many-memslots VM's (the few: 10)
+    # migration: the guest (MiB of RAM, of it populated), migrations per configuration
+    migration_ram: int = 1024
+    migration_populate: int = 768
+    migration_repeats: int = 5
 
 
 FULL = Settings(quick=False, tag_bytes=64 << 20, guest_bytes=1 << 30, iterations=5000, repeats=7)
-QUICK = Settings(quick=True, tag_bytes=16 << 20, guest_bytes=64 << 20, iterations=500, repeats=3)
+QUICK = Settings(
+    quick=True, tag_bytes=16 << 20, guest_bytes=64 << 20, iterations=500, repeats=3,
+    small_calls=512, bulk_calls=64, client_guest_bytes=16 << 20, memslots=2000,
+    migration_ram=64, migration_populate=32, migration_repeats=1,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
