@@ -173,9 +173,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
          "closed at once, and KVM_CREATE_VM/VCPU get ENFILE"),
         ("--max-connections-per-process", _count, "open files of one client process; beyond: "
          "open() and KVM_CREATE_VM/VCPU get EMFILE"),
-        ("--max-requests-per-process", _count, "requests of one client process on worker "
-         "threads at once; more wait their turn"),
-        ("--threads", _count, "worker threads of the daemon"),
+        ("--max-requests-per-process", _count, "such bulk requests of one client process at "
+         "once; more wait their turn"),
+        ("--threads", _count, "requests doing bulk work (reaching user memory, running the "
+         "guest) at once, of all connections; more wait their turn"),
         ("--max-vms", _count, "VMs of one client process; beyond: KVM_CREATE_VM gets ENOMEM"),
         ("--max-memslots", _count, "memslots of one VM; beyond: ENOSPC"),
         ("--max-guest-memory", _size, "bytes in the memslots of one client process; a larger "

@@ -49,11 +49,11 @@ class Limits:
 
     # per daemon
     max_connections: int = 8192  # open connections (system, VM and vCPU fds) of all clients
-    threads: int = 32  # worker threads for requests that reach user memory or run the guest
+    threads: int = 32  # requests that reach user memory or run the guest, at once
     max_tag_storage: int = 8 * GiB  # packed tags held (a 64 GiB guest fully tagged: 2 GiB)
     # per client process
     max_connections_per_process: int = 1024  # open files: 512 vCPUs, VMs, /dev/kvm opens
-    max_requests_per_process: int = 16  # requests on worker threads at once; more wait
+    max_requests_per_process: int = 16  # such requests of one process at once; more wait
     max_vms: int = 64
     max_guest_memory: int = 128 * GiB  # bytes in memslots, over all the process's VMs
     # Backing-memory fds held; more mappings are tags-only. Generous: a fd not held lets the
@@ -87,7 +87,7 @@ def format_size(n: int) -> str:
 
 class Quota:
     """The daemon's accounts, and the model calls that respect them. Thread-safe: calls come
-    from the event loop and from worker threads.
+    from the event loop and from connection threads.
 
     `fd_available(process)` tells whether a process may open one more file (a VM or vCPU
     connection): 0, or the errno that refuses it (EMFILE: the process's limit, ENFILE: the
