@@ -34,6 +34,7 @@ GUEST_ENTRY = 0x4008_0000  # pc at boot: where "the image" is entered
 GUEST_LOOP = GUEST_ENTRY + 0x100  # pc while running
 GUEST_CRASHED = GUEST_ENTRY + 0x200  # pc after a crash (further runs report it again)
 HEARTBEAT_GPA = 0x0900_0000  # MMIO address of the heartbeat the guest writes after each slice
+PACING_NAP = 0.001  # seconds: the longest sleep between two looks at should_stop
 DESC_MAGIC = b"KVMTAGG1"
 ALLOCATED, FREE = 0x4F424A21, 0x46524545  # header states ("OBJ!", "FREE"); 0: never used
 
@@ -135,16 +136,18 @@ class TaggedHeap:
         while steps < desc.steps_per_run and not should_stop():
             if steps % 64 == 0 and time.monotonic() > deadline:
                 break
-            stores += self._step(desc)
-            steps += 1
-            if r["x3"] % desc.scan_interval == 0:
-                self._scan(desc)
-            if desc.store_rate:  # pace the stores: sleep until this many were due
+            if desc.store_rate:  # pace the stores: wait until the next one is due
                 behind = stores / desc.store_rate - (time.monotonic() - start)
                 if behind > 0:
                     if time.monotonic() + behind > deadline:
                         break
-                    time.sleep(behind)
+                    # In short naps, so a VMM that asks the vCPU out is not kept waiting.
+                    time.sleep(min(behind, PACING_NAP))
+                    continue
+            stores += self._step(desc)
+            steps += 1
+            if r["x3"] % desc.scan_interval == 0:
+                self._scan(desc)
         return Slice(steps, stores)
 
     # --- one step ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import weakref
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,7 @@ log = logging.getLogger("kvmtag.vcpu")
 
 KNOWN_FEATURES = (1 << 8) - 1  # POWER_OFF .. HAS_EL2 (bits 0-7) in features[0]
 PSTATE_RESET = 0x3C5  # EL1h with D, A, I, F masked, as KVM resets a vCPU
+IMMEDIATE_EXIT_PERIOD = 0.0005  # seconds between looks at kvm_run's immediate_exit in KVM_RUN
 _ID_BY_REG = {v: k for k, v in uapi.CORE_REGS.items()}
 _U64 = struct.Struct("<Q")
 _MMIO = uapi.LAYOUT["kvm_run_mmio"]
@@ -119,13 +121,17 @@ class Vcpu:
         if self._immediate_exit():
             return -errno.EINTR  # exit_reason is left as it was
         interrupted = False
-        steps = 0
+        next_look = time.monotonic() + IMMEDIATE_EXIT_PERIOD
 
         def should_stop() -> bool:
-            nonlocal interrupted, steps
-            steps += 1
-            if steps % 256 == 0 and self._immediate_exit():
-                interrupted = True  # the VMM's signal handler asked us out: a pending signal
+            # immediate_exit is a byte the VMM writes in shared memory; looking costs a system
+            # call, so look about once a period, however fast or slow the guest steps.
+            nonlocal interrupted, next_look
+            now = time.monotonic()
+            if now >= next_look:
+                next_look = now + IMMEDIATE_EXIT_PERIOD
+                if self._immediate_exit():
+                    interrupted = True  # the VMM's signal handler asked us out
             return interrupted
 
         try:
