@@ -10,8 +10,8 @@ an arm64 MTE host would give it, print one line per check and exit 0. Around the
   and re-encoded by kvmtag.wire, and malformed frames get the same verdict from both;
 - the C mapping classification (procmem.c) against kvmtag.procmem on the same mappings of this
   very process, loaded with ctypes;
-- a fake kvmtagd that breaks the protocol in each way a daemon can: the program sees EIO on
-  that fd and carries on;
+- a fake kvmtagd that breaks the protocol in each way a daemon can (the shared window's
+  handshake and callbacks included): the program sees EIO on that fd and carries on;
 - one run under valgrind with no errors.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import shutil
@@ -296,17 +297,97 @@ MISBEHAVIOURS: dict[str, Misbehaviour] = {
     ),
     "the connection closed mid-request": lambda i: None,
     "half a frame, then closed": lambda i: (_frame(MT.REPLY, bytes(16), req_id=i)[:10], 0, True),
+    "a READ_WINDOW without a window": lambda i: (
+        _frame(MT.READ_WINDOW, struct.pack("<QQ", 0x1000, 16), req_id=i), 0, False
+    ),
+    "a WRITE_WINDOW without a window": lambda i: (
+        _frame(MT.WRITE_WINDOW, struct.pack("<QQ", 0x1000, 0), req_id=i), 0, False
+    ),
+}  # fmt: skip
+# The same, on connections that have a shared window (the fake gives one to every HELLO that
+# asks).
+WINDOW_MISBEHAVIOURS: dict[str, Misbehaviour] = {
+    "a READ_WINDOW larger than the window": lambda i: (
+        _frame(MT.READ_WINDOW, struct.pack("<QQ", 0x1000, wire.WINDOW + 1), req_id=i), 0, False
+    ),
+    "a WRITE_WINDOW larger than the window": lambda i: (
+        _frame(MT.WRITE_WINDOW, struct.pack("<QQ", 0x1000, 2**64 - 1), req_id=i), 0, False
+    ),
+    "a WINDOW_DONE (a client's message)": lambda i: (
+        _frame(MT.WINDOW_DONE, bytes(8), req_id=i), 0, False
+    ),
+    "descriptors on a READ_WINDOW": lambda i: (
+        _frame(MT.READ_WINDOW, struct.pack("<QQ", 0x1000, 16), nfds=1, req_id=i), 1, False
+    ),
 }  # fmt: skip
 
 
+def _window_memfd(size: int = wire.WINDOW, mode: int = os.O_RDWR) -> int:
+    """A window as kvmtagd makes one: a memfd of size bytes, sealed at that size (reopened
+    with another mode if asked)."""
+    fd = os.memfd_create("kvmtag-window", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    if mode != os.O_RDWR:
+        other = os.open(f"/proc/self/fd/{fd}", mode | os.O_CLOEXEC)
+        os.close(fd)
+        fd = other
+    return fd
+
+
+# How a fake daemon answers the HELLO of its first connection: the HELLO_REPLY and the
+# descriptors to pass with it (closed after sending). Later connections are served properly.
+BadHello = Callable[[wire.Hello], "tuple[wire.HelloReply, list[int]]"]
+
+
+def _hello_with(*fds: int, **fields: int) -> BadHello:
+    def answer(hello: wire.Hello) -> tuple[wire.HelloReply, list[int]]:
+        reply = wire.HelloReply(hello.id, wire.FdKind.SYSTEM, 4096, "latest", fds=list(fds),
+                                **fields)  # fmt: skip
+        return reply, list(fds)
+
+    return answer
+
+
+BAD_HELLOS: dict[str, Callable[[], BadHello]] = {
+    "two descriptors with HELLO_REPLY": lambda: _hello_with(_window_memfd(), _window_memfd()),
+    "a window with a refusal": lambda: _hello_with(_window_memfd(), errno=errno.EMFILE),
+    "a window smaller than announced": lambda: _hello_with(_window_memfd(wire.WINDOW - 4096)),
+    "a window that is not a file": lambda: _hello_with(_null_fd()),
+    "a read-only window": lambda: _hello_with(_window_memfd(mode=os.O_RDONLY)),
+    "a window of no size": lambda: _hello_with(_window_memfd(4096), window=0),
+    "a window beyond the shim's limit": lambda: _hello_with(_window_memfd(), window=2**32 - 1),
+}  # fmt: skip
+
+
+def _send(conn: socket.socket, data: bytes, fds: list[int]) -> None:
+    """data with fds alongside its first byte; the fds are closed once sent."""
+    try:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+        sent = conn.sendmsg([data], anc if fds else [])
+        conn.sendall(data[sent:])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 @contextlib.contextmanager
-def fake_kvmtagd(path: Path, misbehave: Misbehaviour) -> Iterator[None]:
-    """A daemon (kvmtag.wire's codec) whose first connection breaks the protocol."""
+def fake_kvmtagd(
+    path: Path,
+    misbehave: Misbehaviour | None,
+    *,
+    window: bool = False,
+    bad_hello: BadHello | None = None,
+) -> Iterator[list[wire.Hello]]:
+    """A daemon (kvmtag.wire's codec) whose first connection breaks the protocol: in its
+    handshake (bad_hello), or in answer to its first IOCTL (misbehave). window: HELLOs that ask
+    for a shared window get one. Yields the HELLOs received."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen()
     stop = threading.Event()
     errors: list[BaseException] = []
+    hellos: list[wire.Hello] = []
 
     def events(conn: socket.socket, codec: wire.Codec) -> Iterator[wire.Event]:
         while True:
@@ -323,20 +404,23 @@ def fake_kvmtagd(path: Path, misbehave: Misbehaviour) -> Iterator[None]:
         codec = wire.Codec(daemon=True)
         with conn:
             for event in events(conn, codec):
+                fds: list[int] = []
+                reply: wire.Event
                 if isinstance(event, wire.Hello):
-                    reply: wire.Event = wire.HelloReply(
-                        event.id, wire.FdKind.SYSTEM, 4096, "latest"
-                    )
-                elif isinstance(event, wire.Ioctl) and first:
+                    hellos.append(event)
+                    if first and bad_hello is not None:
+                        reply, fds = bad_hello(event)
+                        _send(conn, codec.send(reply)[0], fds)
+                        continue
+                    if window and event.flags & wire.HELLO_SHARED_WINDOW:
+                        fds = [_window_memfd()]
+                    reply = wire.HelloReply(event.id, wire.FdKind.SYSTEM, 4096, "latest", fds=fds)
+                elif isinstance(event, wire.Ioctl) and first and misbehave is not None:
                     bad = misbehave(event.id)
                     if bad is None:
                         return
                     data, nfds, close = bad
-                    fds = [_null_fd() for _ in range(nfds)]
-                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{nfds}i", *fds))]
-                    conn.sendmsg([data], anc if fds else [])
-                    for fd in fds:
-                        os.close(fd)
+                    _send(conn, data, [_null_fd() for _ in range(nfds)])
                     if close:
                         return
                     continue  # and say nothing more: the client must not wait for us
@@ -344,7 +428,7 @@ def fake_kvmtagd(path: Path, misbehave: Misbehaviour) -> Iterator[None]:
                     reply = wire.Reply(event.id, 12)
                 else:
                     reply = wire.Reply(event.id, -1, errno.EINVAL)
-                conn.sendall(codec.send(reply)[0])
+                _send(conn, codec.send(reply)[0], fds)
 
     def accept() -> None:
         first = True
@@ -364,7 +448,7 @@ def fake_kvmtagd(path: Path, misbehave: Misbehaviour) -> Iterator[None]:
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     try:
-        yield
+        yield hellos
     finally:
         stop.set()
         thread.join(TIMEOUT)
@@ -388,6 +472,27 @@ def test_a_protocol_error_is_eio_not_a_crash(build: Build, tmp_path: Path, how: 
     with fake_kvmtagd(path, MISBEHAVIOURS[how]):
         done = run(build, str(path), build.program("vmm_errors"), "broken")
     assert_passed(done, "vmm_errors broken")
+
+
+@pytest.mark.parametrize("how", list(WINDOW_MISBEHAVIOURS))
+def test_a_window_violation_is_eio(build: Build, tmp_path: Path, how: str) -> None:
+    """On connections that have a shared window: every HELLO asked for one (1.1)."""
+    path = tmp_path / "fake.sock"
+    with fake_kvmtagd(path, WINDOW_MISBEHAVIOURS[how], window=True) as hellos:
+        done = run(build, str(path), build.program("vmm_errors"), "broken")
+    assert_passed(done, "vmm_errors broken")
+    assert len(hellos) == 2
+    assert all((h.major, h.minor, h.flags) == (1, 1, wire.HELLO_SHARED_WINDOW) for h in hellos)
+
+
+@pytest.mark.parametrize("how", list(BAD_HELLOS))
+def test_a_bad_window_in_the_handshake_is_eio(build: Build, tmp_path: Path, how: str) -> None:
+    """open fails with EIO, leaves no descriptor behind (the window's are closed), and the
+    next open works."""
+    path = tmp_path / "fake.sock"
+    with fake_kvmtagd(path, None, window=True, bad_hello=BAD_HELLOS[how]()):
+        done = run(build, str(path), build.program("vmm_errors"), "handshake")
+    assert_passed(done, "vmm_errors handshake")
 
 
 # --- valgrind ------------------------------------------------------------------------------------
@@ -461,14 +566,16 @@ def fields_of(event: wire.Event) -> dict[str, str]:
         wire.Hello: "HELLO", wire.HelloReply: "HELLO_REPLY", wire.Ioctl: "IOCTL",
         wire.Reply: "REPLY", wire.Read: "READ", wire.ReadData: "READ_DATA", wire.Write: "WRITE",
         wire.WriteDone: "WRITE_DONE", wire.Vmas: "VMAS", wire.VmasData: "VMAS_DATA",
-        wire.Error: "ERROR",
+        wire.Error: "ERROR", wire.ReadWindow: "READ_WINDOW", wire.WriteWindow: "WRITE_WINDOW",
+        wire.WindowDone: "WINDOW_DONE",
     }[type(event)]  # fmt: skip
     f: dict[str, object] = {"type": name, "id": event.id, "nfds": 0}
     if isinstance(event, wire.Hello):
         f |= {"major": event.major, "minor": event.minor, "flags": event.flags}
     elif isinstance(event, wire.HelloReply):
         f |= {
-            "major": event.major, "minor": event.minor, "fd_kind": int(event.fd_kind),
+            "nfds": len(event.fds), "major": event.major, "minor": event.minor,
+            "fd_kind": int(event.fd_kind),
             "page_size": event.page_size, "max_message": event.max_message,
             "max_fds": event.max_fds, "window": event.window, "errno": event.errno,
             "extensions": event.extensions,
@@ -502,6 +609,10 @@ def fields_of(event: wire.Event) -> dict[str, str]:
             flags |= wire.VMA_READABLE if v.readable else 0
             f[f"vma{i}"] = ",".join(map(str, (v.start, v.end, v.pgoff, v.dev, v.ino,
                                               wire.VMA_KINDS.index(v.kind), flags)))  # fmt: skip
+    elif isinstance(event, wire.ReadWindow | wire.WriteWindow):
+        f |= {"addr": event.addr, "size": event.size}
+    elif isinstance(event, wire.WindowDone):
+        f |= {"count": event.count}
     else:
         assert isinstance(event, wire.Error)
         f |= {"code": event.code, "data": event.message.encode().hex()}
@@ -594,11 +705,24 @@ def vector_events() -> list[tuple[bool, wire.Event]]:
         ),
         (True, wire.Error(0, errno.EPROTO, "bad frame: ünïcode")),
         (True, wire.Error(4, 0, "")),
+        # 1.1: the shared window (after the 1.0 frames, whose indices _stream_cases uses).
+        (False, wire.Hello(13, flags=wire.HELLO_SHARED_WINDOW)),
+        (
+            True,
+            wire.HelloReply(13, wire.FdKind.VM, 4096, "latest", extensions=1, fds=[_null_fd()]),
+        ),
+        (True, wire.HelloReply(14, wire.FdKind.SYSTEM, 16384, "6.1", fds=[_null_fd(), _null_fd()])),
+        (True, wire.ReadWindow(15, 0x7FFC_0000_1000, wire.WINDOW)),
+        (True, wire.ReadWindow(15, 2**64 - 1, 0)),
+        (True, wire.WriteWindow(16, 0, 2**64 - 1)),
+        (True, wire.WriteWindow(0xFFFFFFFF, 0x1000, 4096)),
+        (False, wire.WindowDone(15, 0)),
+        (False, wire.WindowDone(16, 2**64 - 1)),
     ]
 
 
 def _close_event_fds(event: wire.Event) -> None:
-    if isinstance(event, wire.Reply):
+    if isinstance(event, wire.Reply | wire.HelloReply):
         fds = event.fds
     elif isinstance(event, wire.VmasData):
         fds = [v.fd for v in event.vmas if v.fd is not None]
@@ -722,7 +846,10 @@ VERDICT_CASES: list[tuple[str, str, bytes, int]] = [  # (what, role, frame, fds 
     ("longest, body still to come", "daemon", _frame(MT.READ_DATA, length=wire.MAX_MESSAGE), 0),
     ("shorter than a header", "client", _frame(MT.REPLY, length=15), 0),
     ("unknown type 0", "client", _frame(0, bytes(16)), 0),
-    ("unknown type 12", "daemon", _frame(12), 0),
+    ("unknown type 15", "daemon", _frame(15), 0),
+    ("unknown type 15 to a client", "client", _frame(15, bytes(16)), 0),
+    ("READ_WINDOW to the daemon", "daemon", _frame(MT.READ_WINDOW, bytes(16)), 0),
+    ("WINDOW_DONE to a client", "client", _frame(MT.WINDOW_DONE, bytes(8)), 0),
     ("a client's frame to a client", "client", _frame(MT.IOCTL, bytes(16)), 0),
     ("a daemon's frame to the daemon", "daemon", _frame(MT.REPLY, bytes(16)), 0),
     ("reserved", "client", struct.pack("<IHHII", 32, MT.REPLY, 0, 1, 1) + bytes(16), 0),
@@ -758,6 +885,22 @@ VERDICT_CASES: list[tuple[str, str, bytes, int]] = [  # (what, role, frame, fds 
     ("VMAS_DATA fd with no record", "daemon", _vmas_data(_record(0, 1), nfds=1), 1),
     ("VMAS_DATA fds match, pad not 0", "daemon", _vmas_data(_record(0, 1, 1, 4), nfds=1, pad=9), 1),
     ("descriptors on an IOCTL", "daemon", _frame(MT.IOCTL, bytes(16), nfds=1), 1),
+    ("HELLO_REPLY with the window", "client", _frame(MT.HELLO_REPLY, HELLO_REPLY + bytes(16),
+                                                      nfds=1), 1),
+    ("HELLO_REPLY declaring the window, none came", "client",
+     _frame(MT.HELLO_REPLY, HELLO_REPLY + bytes(16), nfds=1), 0),
+    ("HELLO_REPLY with a window that was not declared", "client", _hello_reply(
+        HELLO_REPLY + bytes(16)), 1),
+    ("HELLO with the window flag", "daemon", _frame(MT.HELLO, HELLO[:8] + struct.pack("<I", 1)), 0),
+    ("descriptors on a HELLO", "daemon", _frame(MT.HELLO, HELLO, nfds=1), 1),
+    ("READ_WINDOW short", "client", _frame(MT.READ_WINDOW, bytes(15)), 0),
+    ("READ_WINDOW long", "client", _frame(MT.READ_WINDOW, bytes(17)), 0),
+    ("WRITE_WINDOW short", "client", _frame(MT.WRITE_WINDOW, bytes(8)), 0),
+    ("WRITE_WINDOW long", "client", _frame(MT.WRITE_WINDOW, bytes(24)), 0),
+    ("descriptors on a WRITE_WINDOW", "client", _frame(MT.WRITE_WINDOW, bytes(16), nfds=1), 1),
+    ("WINDOW_DONE short", "daemon", _frame(MT.WINDOW_DONE, bytes(7)), 0),
+    ("WINDOW_DONE long", "daemon", _frame(MT.WINDOW_DONE, bytes(16)), 0),
+    ("descriptors on a WINDOW_DONE", "daemon", _frame(MT.WINDOW_DONE, bytes(8), nfds=1), 1),
 ]  # fmt: skip
 
 
@@ -778,6 +921,11 @@ def _stream_cases() -> list[tuple[str, str, list[Chunk]]]:
         role, data, nfds = frames[i]
         cases.append((f"frame {i} in three receives", role, [(data[:7], nfds), (data[7:31], 0),
                                                               (data[31:], 0)]))  # fmt: skip
+        cases.append((f"frame {i} and the start of another", role, [(data + data[:20], nfds)]))
+    for i in range(len(frames) - 9, len(frames)):  # 1.1's frames: byte at a time, and joined
+        role, data, nfds = frames[i]
+        one_by_one = [(data[j : j + 1], 0) for j in range(1, len(data))]
+        cases.append((f"frame {i} a byte at a time", role, [(data[:1], nfds), *one_by_one]))
         cases.append((f"frame {i} and the start of another", role, [(data + data[:20], nfds)]))
     role, with_fds, nfds = frames[14]  # REPLY with two descriptors
     cases += [

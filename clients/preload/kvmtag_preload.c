@@ -16,8 +16,9 @@
  * socket's identity before use, so an fd number that was closed behind our back (a close that
  * did not come through here) and reused is not mistaken for kvmtag's.
  *
- * One request is in flight per open file (a mutex each); callbacks (READ, WRITE, VMAS) are
- * served from this process's memory with process_vm_readv/writev on our own pid, so a bad
+ * One request is in flight per open file (a mutex each); callbacks (READ, WRITE, VMAS, and
+ * READ_WINDOW, WRITE_WINDOW through the shared window a VM connection gets in its handshake)
+ * are served from this process's memory with process_vm_readv/writev on our own pid, so a bad
  * pointer is the kernel's EFAULT, never a crash. A signal never interrupts an exchange
  * half-way (EINTR is retried); anything that breaks the protocol turns into EIO for that open
  * file from then on, never into the death of the program.
@@ -135,6 +136,11 @@ struct kfile {
     uint32_t window;
     struct kt_reader reader;/* received bytes and descriptors not yet decoded */
     uint8_t *sbuf;          /* READ_DATA's data (window bytes) */
+    /* The shared window (1.1), mapped from the memfd HELLO_REPLY brought, or NULL. Only an
+     * exchange (under lock) uses it; it is unmapped with the file, and not inherited by a
+     * child (MADV_DONTFORK: a child's VM fds answer EIO and never use it). */
+    uint8_t *shared;
+    size_t shared_size;
 };
 
 static pthread_mutex_t state_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -242,6 +248,15 @@ static void free_buffers(struct kfile *f)
     f->sbuf = NULL;
 }
 
+static void unmap_window(struct kfile *f)
+{
+    if (f->shared) {
+        munmap(f->shared, f->shared_size);
+        f->shared = NULL;
+        f->shared_size = 0;
+    }
+}
+
 static void maybe_free_locked(struct kfile *f)
 {
     struct kfile **link;
@@ -252,6 +267,7 @@ static void maybe_free_locked(struct kfile *f)
         kt_sys_close(f->run_fd);
         f->run_fd = -1;
     }
+    unmap_window(f);
     if (f->inherited)
         return; /* its memory may have been mid-update when the parent forked: keep it */
     for (link = &files; *link && *link != f; link = &(*link)->next)
@@ -298,6 +314,7 @@ static void discard_file(struct kfile *f)
 {
     if (f->run_fd >= 0)
         kt_sys_close(f->run_fd);
+    unmap_window(f);
     free_buffers(f);
     pthread_mutex_destroy(&f->lock);
     free(f->path);
@@ -570,6 +587,34 @@ out:
     return rc;
 }
 
+/* READ_WINDOW: [addr, addr+size) of our memory into the window's first bytes; WRITE_WINDOW:
+ * the window's first size bytes to addr. Both answer WINDOW_DONE with the prefix copied. The
+ * window is only ever touched by process_vm_readv/writev, like the memory at addr. */
+static int serve_window(struct kfile *f, int fd, const struct kt_event *ask, const char **why)
+{
+    struct kt_event answer = { .type = KT_WINDOW_DONE, .id = ask->id };
+
+    if (!f->shared) {
+        *why = "READ_WINDOW or WRITE_WINDOW on a connection without a shared window";
+        return -1;
+    }
+    if (ask->u.window.size > f->shared_size) {
+        *why = "READ_WINDOW or WRITE_WINDOW larger than the shared window";
+        return -1;
+    }
+    if (ask->type == KT_READ_WINDOW)
+        answer.u.window_done.count = kt_read_memory(ask->u.window.addr, f->shared,
+                                                    (size_t)ask->u.window.size);
+    else
+        answer.u.window_done.count = kt_write_memory(ask->u.window.addr, f->shared,
+                                                     (size_t)ask->u.window.size);
+    if (send_event(fd, &answer, NULL)) {
+        *why = "could not send WINDOW_DONE";
+        return -1;
+    }
+    return 0;
+}
+
 /* Send one request and serve its callbacks until its answer comes; the caller holds f->lock.
  * Returns 0 with *answer (of type `expect`) and its descriptors, or -1 after break_file. */
 static int exchange(struct kfile *f, int fd, const struct kt_event *request, unsigned expect,
@@ -602,6 +647,11 @@ static int exchange(struct kfile *f, int fd, const struct kt_event *request, uns
             if (serve_vmas(f, fd, answer, &why))
                 goto broken;
             continue;
+        case KT_READ_WINDOW:
+        case KT_WRITE_WINDOW:
+            if (serve_window(f, fd, answer, &why))
+                goto broken;
+            continue;
         case KT_ERROR:
             why = "kvmtagd reported a protocol error";
             if (debug)
@@ -629,17 +679,61 @@ broken:
     return -1;
 }
 
-/* HELLO on a new connection; 0, or -1 with errno (EIO, or the daemon's refusal). */
+/* Map the shared window HELLO_REPLY brought: a memfd of `window` bytes (kvmtagd gives one to
+ * VM connections). The descriptor is the caller's to close. 0, or -1 with *why. */
+static int map_window(struct kfile *f, int memfd, uint32_t window, const char **why)
+{
+    struct stat st;
+    void *p;
+
+    if (!window || window > KT_MAX_MESSAGE_LIMIT) {
+        *why = "a shared window of no size, or larger than the shim allows";
+        return -1;
+    }
+    /* Smaller than announced, the window's tail would fault: copies would come up short and
+     * look like faults in the program's memory. */
+    if (fstat(memfd, &st) || !S_ISREG(st.st_mode) || (uint64_t)st.st_size < window) {
+        *why = "the shared window is not a file of `window` bytes";
+        return -1;
+    }
+    p = REAL(mmap)(NULL, window, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+    if (p == MAP_FAILED) {
+        *why = "the shared window cannot be mapped";
+        return -1;
+    }
+    /* A child never uses it (its VM fds answer EIO) and must not reach the parent's copies;
+     * after_fork_in_child forgets it. (Should madvise fail, the child merely keeps an unused
+     * mapping.) */
+    madvise(p, window, MADV_DONTFORK);
+    f->shared = p;
+    f->shared_size = window;
+    return 0;
+}
+
+/* HELLO on a new connection, asking for the shared window; 0, or -1 with errno (EIO, or the
+ * daemon's refusal). */
 static int handshake(struct kfile *f, int fd)
 {
     struct kt_event hello = { .type = KT_HELLO, .id = f->next_id++ };
     struct kt_event answer;
     int fds[KT_MAX_FDS];
+    const char *why = NULL;
 
     hello.u.hello.major = KT_VERSION_MAJOR;
     hello.u.hello.minor = KT_VERSION_MINOR;
+    hello.u.hello.flags = KT_HELLO_SHARED_WINDOW;
     if (exchange(f, fd, &hello, KT_HELLO_REPLY, &answer, fds))
         return -1;
+    if (answer.nfds > 1 || (answer.nfds && answer.u.hello_reply.err))
+        why = "a handshake with descriptors other than one shared window";
+    else if (answer.nfds)
+        map_window(f, fds[0], answer.u.hello_reply.window, &why);
+    close_fds(fds, answer.nfds); /* the mapping keeps the window */
+    if (why) {
+        break_file(f, fd, why);
+        errno = EIO;
+        return -1;
+    }
     if (answer.u.hello_reply.err) {
         errno = answer.u.hello_reply.err < 4096 ? (int)answer.u.hello_reply.err : EIO;
         return -1;
@@ -1257,6 +1351,8 @@ static void after_fork_in_child(void)
         pthread_mutex_init(&f->lock, NULL);
         f->owned = 0;
         f->inherited = 1;
+        f->shared = NULL; /* MADV_DONTFORK: not mapped here (and its address may be reused) */
+        f->shared_size = 0;
         f->users = 0;
         f->busy_fd = -1;
         if (f->deferred_fd >= 0) {

@@ -7,30 +7,31 @@
 
 static const char *const type_names[] = {
     "?", "HELLO", "HELLO_REPLY", "IOCTL", "REPLY", "READ", "READ_DATA",
-    "WRITE", "WRITE_DONE", "VMAS", "VMAS_DATA", "ERROR",
+    "WRITE", "WRITE_DONE", "VMAS", "VMAS_DATA", "ERROR", "READ_WINDOW", "WRITE_WINDOW",
+    "WINDOW_DONE",
 };
 
 const char *kt_type_name(unsigned type)
 {
-    return type >= 1 && type <= KT_ERROR ? type_names[type] : "?";
+    return type >= 1 && type <= KT_TYPE_MAX ? type_names[type] : "?";
 }
 
 static int from_client(unsigned type)
 {
     return type == KT_HELLO || type == KT_IOCTL || type == KT_READ_DATA || type == KT_WRITE_DONE
-        || type == KT_VMAS_DATA;
+        || type == KT_VMAS_DATA || type == KT_WINDOW_DONE;
 }
 
 int kt_receives(enum kt_role role, unsigned type)
 {
-    if (type < KT_HELLO || type > KT_ERROR)
+    if (type < KT_HELLO || type > KT_TYPE_MAX)
         return 0;
     return role == KT_ROLE_DAEMON ? from_client(type) : !from_client(type);
 }
 
 int kt_may_carry_fds(unsigned type)
 {
-    return type == KT_REPLY || type == KT_VMAS_DATA;
+    return type == KT_HELLO_REPLY || type == KT_REPLY || type == KT_VMAS_DATA;
 }
 
 int kt_decode_header(const uint8_t *buf, size_t avail, uint32_t max_message, enum kt_role role,
@@ -52,7 +53,7 @@ int kt_decode_header(const uint8_t *buf, size_t avail, uint32_t max_message, enu
         *why = "reserved header field is not 0";
         return KT_VIOLATION;
     }
-    if (h->type < KT_HELLO || h->type > KT_ERROR) {
+    if (h->type < KT_HELLO || h->type > KT_TYPE_MAX) {
         *why = "unknown message type";
         return KT_VIOLATION;
     }
@@ -254,6 +255,18 @@ int kt_decode_body(const struct kt_header *h, const uint8_t *frame, struct kt_ev
         ev->data = b + KT_ERROR_SIZE;
         ev->data_len = len - KT_ERROR_SIZE;
         return KT_OK;
+    case KT_READ_WINDOW:
+    case KT_WRITE_WINDOW:
+        if (!sized(len, KT_WINDOW_OP_SIZE, 1, why))
+            return KT_VIOLATION;
+        ev->u.window.addr = kt_get64(b);
+        ev->u.window.size = kt_get64(b + 8);
+        return KT_OK;
+    case KT_WINDOW_DONE:
+        if (!sized(len, KT_WINDOW_DONE_SIZE, 1, why))
+            return KT_VIOLATION;
+        ev->u.window_done.count = kt_get64(b);
+        return KT_OK;
     }
     *why = "unknown message type";
     return KT_VIOLATION;
@@ -329,6 +342,16 @@ size_t kt_encode_head(const struct kt_event *ev, uint8_t *out)
     case KT_ERROR:
         kt_put32(b, ev->u.error.code);
         fixed = KT_ERROR_SIZE;
+        break;
+    case KT_READ_WINDOW:
+    case KT_WRITE_WINDOW:
+        kt_put64(b, ev->u.window.addr);
+        kt_put64(b + 8, ev->u.window.size);
+        fixed = KT_WINDOW_OP_SIZE;
+        break;
+    case KT_WINDOW_DONE:
+        kt_put64(b, ev->u.window_done.count);
+        fixed = KT_WINDOW_DONE_SIZE;
         break;
     default:
         return 0;

@@ -1,4 +1,4 @@
-/* The kvmtag wire protocol (docs/PROTOCOL.md, version 1.0) in C: frames <-> events, no I/O.
+/* The kvmtag wire protocol (docs/PROTOCOL.md, version 1.1) in C: frames <-> events, no I/O.
  *
  * kvmtag/wire.py is the source of truth for every byte layout; tests/test_preload.py feeds
  * frames made by it through this codec (decode, re-encode, compare) and the other way round,
@@ -16,10 +16,10 @@
 
 #define KT_MAGIC "KVMT"
 #define KT_VERSION_MAJOR 1
-#define KT_VERSION_MINOR 0
+#define KT_VERSION_MINOR 1                    /* 1.1: the shared window */
 #define KT_HEADER_SIZE 16
 #define KT_MAX_FDS 32                         /* descriptors in one frame */
-#define KT_WINDOW (4u << 20)                  /* largest READ or WRITE the daemon sends */
+#define KT_WINDOW (4u << 20)                  /* largest READ or WRITE; the shared window's size */
 #define KT_MAX_MESSAGE (KT_WINDOW + 4096)     /* largest frame either side sends or accepts */
 /* The handshake tells the daemon's real limits (HELLO_REPLY max_message, window); the shim
  * uses those, bounded by this, so a daemon with other limits is still understood. */
@@ -38,6 +38,8 @@
 #define KT_VMAS_DATA_SIZE 8
 #define KT_VMA_RECORD_SIZE 48
 #define KT_ERROR_SIZE 4
+#define KT_WINDOW_OP_SIZE 16                  /* READ_WINDOW, WRITE_WINDOW */
+#define KT_WINDOW_DONE_SIZE 8
 
 enum kt_type {
     KT_HELLO = 1,       /* client -> daemon, first frame of every connection */
@@ -51,7 +53,16 @@ enum kt_type {
     KT_VMAS = 9,        /* daemon -> client: describe your mappings */
     KT_VMAS_DATA = 10,  /* client -> daemon; may carry fds, one per record with KT_VMA_HAS_FD */
     KT_ERROR = 11,      /* daemon -> client: protocol violation; the daemon then closes */
+    /* 1.1, on a connection with a shared window (HELLO flag KT_HELLO_SHARED_WINDOW): */
+    KT_READ_WINDOW = 12,  /* daemon -> client: read your memory into the window's first bytes */
+    KT_WRITE_WINDOW = 13, /* daemon -> client: write the window's first bytes to your memory */
+    KT_WINDOW_DONE = 14,  /* client -> daemon: how many leading bytes either one copied */
+    KT_TYPE_MAX = KT_WINDOW_DONE,
 };
+
+/* HELLO flags. SHARED_WINDOW: the client can use a shared window; the daemon may then send one
+ * descriptor with HELLO_REPLY, a memfd of `window` bytes the client maps MAP_SHARED. */
+#define KT_HELLO_SHARED_WINDOW (1u << 0)
 
 enum kt_fd_kind { KT_FD_SYSTEM = 0, KT_FD_VM = 1, KT_FD_VCPU = 2 };
 
@@ -124,6 +135,8 @@ struct kt_event {
         struct { uint64_t start, end; } vmas;
         struct { uint32_t count, pad; } vmas_data;
         struct { uint32_t code; } error;
+        struct { uint64_t addr, size; } window;   /* READ_WINDOW and WRITE_WINDOW */
+        struct { uint64_t count; } window_done;
     } u;
     const uint8_t *data;
     size_t data_len;
@@ -154,7 +167,7 @@ const char *kt_type_name(unsigned type);
 
 /* Does `role` receive frames of this type? (a client receives the daemon's, and vice versa) */
 int kt_receives(enum kt_role role, unsigned type);
-/* May frames of this type carry descriptors? (REPLY and VMAS_DATA) */
+/* May frames of this type carry descriptors? (HELLO_REPLY, REPLY and VMAS_DATA) */
 int kt_may_carry_fds(unsigned type);
 
 /* Check the header at buf, in wire.py's order: length within [16, max_message], reserved 0,

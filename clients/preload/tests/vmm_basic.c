@@ -285,6 +285,98 @@ static void many_mappings(int kvm)
     munmap(out, N * TPP);
 }
 
+/* The shared windows mapped in this process (kvmtagd names their memfd "kvmtag-window"): how
+ * many, and the address of one that is not `old` (the newest, if `old` was the only other). */
+static int windows(uint8_t *old, uint8_t **other)
+{
+    FILE *maps = fopen("/proc/self/maps", "r");
+    char line[512];
+    int n = 0;
+
+    if (other)
+        *other = NULL;
+    if (!maps)
+        return -1;
+    while (fgets(line, sizeof line, maps)) {
+        unsigned long start;
+        if (strstr(line, "/memfd:kvmtag-window") && sscanf(line, "%lx-", &start) == 1) {
+            if (other && (uint8_t *)start != old)
+                *other = (uint8_t *)start;
+            n++;
+        }
+    }
+    fclose(maps);
+    return n;
+}
+
+/* Bulk COPY_TAGS goes through the VM connection's shared window (protocol 1.1): several MiB
+ * of tags both ways, over several windows; the window holds the very bytes of a copy that fits
+ * in one; a tag buffer that faults part-way gives the kernel's partial result. */
+static void bulk_copies(int kvm)
+{
+    enum { MIB = 1 << 20 };
+    const size_t guest = 160ul * MIB, ntags = guest / 16; /* 10 MiB of tags: 3 windows of 4 MiB */
+    const size_t faults_at = 9 * MIB - 128;                 /* in tags, in the middle of a page */
+    const size_t pages_done = faults_at / TPP;
+    uint8_t *ram, *in = anon(ntags), *out = anon(ntags), *area, *start, *old, *window;
+    uint8_t zero[TPP] = { 0 };
+    int vm, dup_vm, ram_fd;
+
+    CHECK_EQ(windows(NULL, &old), 1, "one shared window mapped: the first VM's (not the system fd's)");
+    vm = mte_vm(kvm);
+    CHECK_EQ(windows(old, &window), 2, "the new VM connection has mapped its own shared window");
+    ram = memfd_ram(guest, &ram_fd);
+    CHECK_EQ(set_region(vm, 0, 0, GPA, guest, ram), 0, "a memslot of %zu MiB", guest / MIB);
+    fill_tags(in, ntags, 20);
+    memset(out, 0xee, ntags); /* SENTINEL */
+    CHECK_EQ(copy_tags(vm, GPA, guest, in, KVM_ARM_TAGS_TO_GUEST), (long long)guest,
+             "TO_GUEST of %zu MiB of tags", ntags / MIB);
+    CHECK_EQ(copy_tags(vm, GPA, guest, out, KVM_ARM_TAGS_FROM_GUEST), (long long)guest,
+             "FROM_GUEST of %zu MiB of tags", ntags / MIB);
+    CHECK(!memcmp(in, out, ntags), "  the same tags, across windows");
+
+    /* One window's worth: the bytes went through the window, not the socket. */
+    fill_tags(in, MIB, 21);
+    CHECK_EQ(copy_tags(vm, GPA, 16ul * MIB, in, KVM_ARM_TAGS_TO_GUEST), 16l * MIB, "TO_GUEST of 1 MiB of tags");
+    CHECK(!memcmp(window, in, MIB), "  the window holds the tags read from the buffer (READ_WINDOW)");
+    CHECK_EQ(copy_tags(vm, GPA + 64ul * MIB, 16ul * MIB, out, KVM_ARM_TAGS_FROM_GUEST), 16l * MIB,
+             "FROM_GUEST of 1 MiB of tags from further in");
+    CHECK(!memcmp(window, out, MIB), "  the window holds the tags written to the buffer (WRITE_WINDOW)");
+    fill_tags(in, MIB, 20); /* in[] is the guest's tags again */
+    CHECK(!memcmp(out, in + 4 * MIB, MIB), "  and they are the guest's");
+
+    /* A tag buffer that faults 9 MiB - 128 bytes in, mid-page, in the third window:
+     * the pages before are done, the one it faulted in is cleared (TO_GUEST, 6.2+). */
+    area = anon(ntags + 2 * PAGE);
+    CHECK(mprotect(area + 9 * MIB, PAGE, PROT_NONE) == 0, "mprotect(PROT_NONE) 9 MiB into a tag buffer");
+    start = area + 128;
+    fill_tags(start, faults_at, 22);
+    CHECK_EQ(copy_tags(vm, GPA, guest, start, KVM_ARM_TAGS_TO_GUEST), (long long)(pages_done * PAGE),
+             "TO_GUEST from a buffer that faults %zu bytes in: partial", faults_at);
+    memset(out, 0xee, ntags);
+    CHECK_EQ(copy_tags(vm, GPA, guest, out, KVM_ARM_TAGS_FROM_GUEST), (long long)guest, "FROM_GUEST");
+    CHECK(!memcmp(out, start, pages_done * TPP), "  the %zu pages before the fault took the new tags", pages_done);
+    CHECK(!memcmp(out + pages_done * TPP, zero, TPP), "  the page it faulted in is cleared");
+    CHECK(!memcmp(out + (pages_done + 1) * TPP, in + (pages_done + 1) * TPP, ntags - (pages_done + 1) * TPP),
+          "  the pages after kept their tags");
+    memset(start, 0xee, faults_at);
+    CHECK_EQ(copy_tags(vm, GPA, guest, start, KVM_ARM_TAGS_FROM_GUEST), (long long)(pages_done * PAGE),
+             "FROM_GUEST into a buffer that faults %zu bytes in: partial", faults_at);
+    CHECK(!memcmp(start, out, pages_done * TPP), "  and the pages written are right");
+
+    dup_vm = dup(vm);
+    CHECK_EQ(close(vm), 0, "close the VM fd, a dup still open");
+    CHECK_EQ(windows(NULL, NULL), 2, "  the window stays while the open file lives");
+    CHECK_EQ(copy_tags(dup_vm, GPA, 16ul * MIB, out, KVM_ARM_TAGS_FROM_GUEST), 16l * MIB, "  COPY_TAGS on the dup");
+    CHECK_EQ(close(dup_vm), 0, "close the dup");
+    CHECK_EQ(windows(NULL, NULL), 1, "  the window is unmapped with the VM's open file");
+    munmap(area, ntags + 2 * PAGE);
+    munmap(ram, guest);
+    close(ram_fd);
+    munmap(in, ntags);
+    munmap(out, ntags);
+}
+
 static void opens(void)
 {
     char buf[16];
@@ -364,6 +456,7 @@ int main(int argc, char **argv)
     dirty_logging(vm, ram);
     memory_kinds(kvm, disk_dir);
     many_mappings(kvm);
+    bulk_copies(kvm);
     opens();
     CHECK_EQ(close(vm), 0, "close the VM fd");
     CHECK_ERRNO(ioctl(vm, KVM_CHECK_EXTENSION, KVM_CAP_ARM_MTE), EBADF, "ioctl on the closed VM fd");

@@ -5,6 +5,9 @@
  *                      ECONNREFUSED: a socket file nobody listens on)
  *   broken             kvmtagd (a fake one) answers the first ioctl with a malformed frame:
  *                      EIO, then EIO on that fd from then on; a new open works
+ *   handshake          kvmtagd (a fake one) breaks the protocol in the first connection's
+ *                      handshake (e.g. a bad shared window): open fails with EIO, leaving no
+ *                      descriptor behind; a new open works
  *   gone               the daemon is stopped while the fd is open: EIO
  */
 #include "check.h"
@@ -40,6 +43,17 @@ int main(int argc, char **argv)
         kvm = open_kvm();
         CHECK_EQ(ioctl(kvm, KVM_GET_API_VERSION, 0), KVM_API_VERSION, "a new open is a new connection that works");
         CHECK_EQ(close(kvm), 0, "close it");
+    } else if (!strcmp(mode, "handshake")) {
+        int before = count_fds();
+        errno = 0;
+        kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+        CHECK(kvm == -1 && errno == EIO, "open(\"/dev/kvm\") with a broken handshake -> EIO (got %d, %s)",
+              kvm, strerror(errno));
+        CHECK_EQ(count_fds(), before, "no descriptor left behind (the socket's, the window's)");
+        kvm = open_kvm();
+        CHECK_EQ(ioctl(kvm, KVM_GET_API_VERSION, 0), KVM_API_VERSION, "a new open is a new connection that works");
+        CHECK_EQ(close(kvm), 0, "close it");
+        CHECK_EQ(count_fds(), before, "and nothing is left open after it");
     } else if (!strcmp(mode, "gone")) {
         char line[16];
         kvm = open_kvm();
@@ -51,7 +65,7 @@ int main(int argc, char **argv)
         CHECK_ERRNO(ioctl(kvm, KVM_GET_API_VERSION, 0), EIO, "and again");
         CHECK_EQ(close(kvm), 0, "close it");
     } else {
-        fprintf(stderr, "usage: vmm_errors unreachable ERRNO | broken | gone\n");
+        fprintf(stderr, "usage: vmm_errors unreachable ERRNO | broken | handshake | gone\n");
         return 2;
     }
     printf("PASS vmm_errors %s\n", mode);

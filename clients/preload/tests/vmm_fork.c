@@ -1,6 +1,7 @@
 /* fork: the child's system fds are reconnected onto the same numbers (close-on-exec kept),
- * its VM and vCPU fds answer EIO, as KVM does for a process other than the VM's creator; a
- * lock held by another thread at fork does not hold up the child; the parent carries on. */
+ * its VM and vCPU fds answer EIO, as KVM does for a process other than the VM's creator (and
+ * the VM's shared window is not mapped in it); a lock held by another thread at fork does not
+ * hold up the child; the parent carries on. */
 #include "check.h"
 
 #include <pthread.h>
@@ -21,6 +22,21 @@ static void *hammer(void *arg)
         atomic_fetch_add(&hammered, 1);
     }
     return NULL;
+}
+
+/* The shared windows mapped in this process (kvmtagd names their memfd "kvmtag-window"). */
+static int count_windows(void)
+{
+    FILE *maps = fopen("/proc/self/maps", "r");
+    char line[512];
+    int n = 0;
+
+    if (!maps)
+        return -1;
+    while (fgets(line, sizeof line, maps))
+        n += strstr(line, "/memfd:kvmtag-window") != NULL;
+    fclose(maps);
+    return n;
 }
 
 static ino_t ino_of(int fd)
@@ -51,15 +67,18 @@ static void child(int kvm, int kvm_dup, int kvm_inheritable, int vm, int vcpu, u
     CHECK_ERRNO(ioctl(vm, KVM_CHECK_EXTENSION, KVM_CAP_ARM_MTE), EIO, "child: the parent's VM fd is EIO");
     CHECK_ERRNO(copy_tags(vm, GPA, PAGE, out, KVM_ARM_TAGS_FROM_GUEST), EIO, "child: COPY_TAGS on it is EIO");
     CHECK_ERRNO(ioctl(vcpu, KVM_RUN, 0), EIO, "child: the parent's vCPU fd is EIO");
+    CHECK_EQ(count_windows(), 0, "child: the parent's VM's shared window is not mapped here");
     int d = dup(vm);
     CHECK_ERRNO(ioctl(d, KVM_CHECK_EXTENSION, KVM_CAP_ARM_MTE), EIO, "child: a dup of the VM fd is EIO too");
     CHECK_EQ(close(d), 0, "child: close that dup");
     /* Its own VM over the memory it shares with the parent: the parent's tags are there. */
     vm2 = mte_vm(kvm);
+    CHECK_EQ(count_windows(), 1, "child: its own VM has its own shared window");
     CHECK_EQ(set_region(vm2, 0, 0, GPA, 8 * PAGE, ram), 0, "child: its own VM over the shared memfd");
     CHECK_EQ(copy_tags(vm2, GPA, 8 * PAGE, out, KVM_ARM_TAGS_FROM_GUEST), 8 * PAGE, "child: FROM_GUEST");
     CHECK(!memcmp(out, tags, sizeof out), "child: the tags the parent wrote (they belong to the memory)");
     CHECK_EQ(close(vm2), 0, "child: close its VM");
+    CHECK_EQ(count_windows(), 0, "child: its window is unmapped with it");
     CHECK_EQ(close(vm), 0, "child: close the parent's VM fd");
     CHECK_EQ(close(kvm), 0, "child: close the system fd");
     fflush(stdout);
@@ -94,6 +113,7 @@ int main(void)
     CHECK_EQ(set_region(vm, 0, 0, GPA, 8 * PAGE, ram), 0, "slot 0");
     vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
     CHECK(vcpu >= 0, "KVM_CREATE_VCPU = %d", vcpu);
+    CHECK_EQ(count_windows(), 1, "one shared window: the VM's (none for the system and vCPU fds)");
     fill_tags(tags, sizeof tags, 7);
     CHECK_EQ(copy_tags(vm, GPA, 8 * PAGE, tags, KVM_ARM_TAGS_TO_GUEST), 8 * PAGE, "TO_GUEST");
 
@@ -119,6 +139,7 @@ int main(void)
     CHECK_EQ(ioctl(vm, KVM_CHECK_EXTENSION, KVM_CAP_ARM_MTE), 1, "parent: the VM fd works");
     CHECK_EQ(copy_tags(vm, GPA, 8 * PAGE, out, KVM_ARM_TAGS_FROM_GUEST), 8 * PAGE, "parent: FROM_GUEST");
     CHECK(!memcmp(out, tags, sizeof out), "parent: its tags are intact");
+    CHECK_EQ(count_windows(), 1, "parent: its VM's window is still mapped");
     CHECK_ERRNO(ioctl(vcpu, _IO(KVMIO, 0xfd), 0), EINVAL, "parent: the vCPU fd answers (an unknown ioctl: EINVAL)");
 
     /* fork then exec: only the fds without close-on-exec survive, as with KVM's. */

@@ -1,5 +1,7 @@
 /* Several threads doing ioctls on one VM fd and its dups: every call gets its own answer
- * (one request in flight per open file), while other threads open, use and close fds. */
+ * (one request in flight per open file, so one user of its shared window at a time: each
+ * thread's tags are 8 KiB, more than kvmtagd sends through the socket), while other threads
+ * open, use and close fds (and VMs, each mapping and unmapping a window). */
 #include "check.h"
 
 #include <pthread.h>
@@ -7,7 +9,7 @@
 
 #define THREADS 6
 #define ROUNDS 150
-#define PAGES_EACH 4
+#define PAGES_EACH 32           /* 8 KiB of tags per copy */
 
 static int vm_fds[2];
 static int kvm;

@@ -78,6 +78,13 @@ static void print_fields(const struct kt_event *ev)
     case KT_ERROR:
         printf(" code=%" PRIu32, ev->u.error.code);
         break;
+    case KT_READ_WINDOW:
+    case KT_WRITE_WINDOW:
+        printf(" addr=%" PRIu64 " size=%" PRIu64, ev->u.window.addr, ev->u.window.size);
+        return;
+    case KT_WINDOW_DONE:
+        printf(" count=%" PRIu64, ev->u.window_done.count);
+        return;
     }
     printf(" data=");
     print_hex(ev->data, ev->data_len);
@@ -248,6 +255,33 @@ static void samples(void)
     sample(&ev);
     ev = (struct kt_event){ .type = KT_ERROR, .id = 0, .data = (const uint8_t *)"bad frame", .data_len = 9 };
     ev.u.error.code = 71;
+    sample(&ev);
+    /* 1.1: the shared window. */
+    ev = (struct kt_event){ .type = KT_HELLO, .id = 12 };
+    ev.u.hello.major = KT_VERSION_MAJOR;
+    ev.u.hello.minor = KT_VERSION_MINOR;
+    ev.u.hello.flags = KT_HELLO_SHARED_WINDOW;
+    sample(&ev);
+    ev = (struct kt_event){ .type = KT_HELLO_REPLY, .id = 12, .nfds = 1 };
+    ev.u.hello_reply = (struct kt_hello_reply){ 1, 1, KT_FD_VM, 4096, KT_MAX_MESSAGE, 32,
+                                                KT_WINDOW, 0, 1, "latest" };
+    sample(&ev);
+    ev = (struct kt_event){ .type = KT_READ_WINDOW, .id = 13 };
+    ev.u.window.addr = 0x7ffc00001000;
+    ev.u.window.size = KT_WINDOW;
+    sample(&ev);
+    ev = (struct kt_event){ .type = KT_READ_WINDOW, .id = 0xffffffff };
+    ev.u.window.addr = 0xffffffffffffffffull;
+    sample(&ev);
+    ev = (struct kt_event){ .type = KT_WRITE_WINDOW, .id = 14 };
+    ev.u.window.addr = 0x1000;
+    ev.u.window.size = 0xffffffffffffffffull;
+    sample(&ev);
+    ev = (struct kt_event){ .type = KT_WINDOW_DONE, .id = 13 };
+    ev.u.window_done.count = 4095;
+    sample(&ev);
+    ev = (struct kt_event){ .type = KT_WINDOW_DONE, .id = 14 };
+    ev.u.window_done.count = 0xffffffffffffffffull;
     sample(&ev);
 }
 
