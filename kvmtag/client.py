@@ -23,6 +23,7 @@ import array
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import itertools
 import mmap as _mmap
 import os
@@ -217,7 +218,7 @@ def _handshake(file: _File, fd: int) -> None:
         try:
             if len(reply.fds) != 1 or reply.errno:
                 raise _eio(f"{len(reply.fds)} descriptors with the handshake")
-            file.window = _mmap.mmap(reply.fds[0], reply.window, _mmap.MAP_SHARED)
+            file.window = _map_window(reply.fds[0], reply.window)
         finally:
             _close_fds(reply.fds)
     if reply.errno:
@@ -286,6 +287,18 @@ def _serve_callback(sock: _socket.socket, codec: wire.Codec, ask: wire.Event) ->
             _send(sock, codec, wire.VmasData(ask.id, _limit_fds(vmas)))
         finally:
             _close_fds([v.fd for v in vmas if v.fd is not None])
+
+
+def _map_window(fd: int, size: int) -> _mmap.mmap:
+    """The shared window, if it is one: a memfd sealed against shrinking (so the daemon cannot
+    make our copies fault with SIGBUS) of at least `size` bytes."""
+    try:
+        sealed = fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+        if not sealed or not 0 < size <= os.fstat(fd).st_size:
+            raise _eio("the shared window is not a sealed memfd of its size")
+        return _mmap.mmap(fd, size, _mmap.MAP_SHARED)
+    except (OSError, ValueError) as e:
+        raise _eio(f"the shared window: {e}") from None
 
 
 def _serve_window(sock: _socket.socket, file: _File, ask: wire.ReadWindow | wire.WriteWindow

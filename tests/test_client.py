@@ -1138,3 +1138,76 @@ def test_ioctl_after_the_daemon_is_gone_is_eio(tmp_path: Path) -> None:
     finally:
         client.close(vm)
         client.close(kvm)
+
+
+# --- the shared window ---------------------------------------------------------------------------
+
+
+def _window_fd(size: int, seal: bool) -> int:
+    fd = os.memfd_create("test-window", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if seal:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    return fd
+
+
+def _pipe_read_end() -> int:
+    r, w = os.pipe()
+    os.close(w)
+    return r
+
+
+WINDOWS: dict[str, Callable[[], tuple[list[int], int]]] = {
+    "a sealed memfd of its size": lambda: ([_window_fd(wire.WINDOW, True)], 0),
+    "not sealed": lambda: ([_window_fd(wire.WINDOW, False)], 0),
+    "smaller than the window": lambda: ([_window_fd(wire.WINDOW // 2, True)], 0),
+    "two descriptors": lambda: ([_window_fd(wire.WINDOW, True), _window_fd(wire.WINDOW, True)], 0),
+    "not a file": lambda: ([_pipe_read_end()], 0),
+    "with a refusal": lambda: ([_window_fd(wire.WINDOW, True)], errno.EMFILE),
+}
+
+
+@pytest.mark.parametrize("window", list(WINDOWS))
+def test_a_window_that_could_fault_the_client_is_refused(tmp_path: Path, window: str) -> None:
+    """A daemon could hand over a window it may later shrink under the client (SIGBUS on
+    copies): the client maps only a memfd sealed against shrinking, of the window's size; any
+    other answer is EIO and leaves no descriptor behind."""
+    before = set(os.listdir("/proc/self/fd"))
+    path = str(tmp_path / "fake.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+
+    def fake_daemon() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            codec = wire.Codec(daemon=True)
+            codec.receive_data(conn.recv(4096))
+            hello = codec.next_event()
+            assert isinstance(hello, wire.Hello) and hello.flags & wire.HELLO_SHARED_WINDOW
+            fds, refusal = WINDOWS[window]()
+            reply = wire.HelloReply(hello.id, wire.FdKind.VM, PAGE, "latest", errno=refusal,
+                                    fds=fds)  # fmt: skip
+            data, sent = codec.send(reply)
+            conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(
+                f"{len(sent)}i", *sent))])  # fmt: skip
+            for fd in sent:
+                os.close(fd)
+            conn.recv(1)  # until the client closes
+
+    server = threading.Thread(target=fake_daemon, daemon=True)
+    server.start()
+    try:
+        fd = client.open("/dev/kvm", socket=path)
+    except OSError as e:
+        assert window != "a sealed memfd of its size", e
+        assert e.errno == errno.EIO, e
+    else:
+        assert window == "a sealed memfd of its size"
+        assert client._lookup(fd).window is not None
+        client.close(fd)
+    server.join(TIMEOUT)
+    listener.close()
+    assert set(os.listdir("/proc/self/fd")) == before
