@@ -223,6 +223,8 @@ def _handshake(file: _File, fd: int) -> None:
             _close_fds(reply.fds)
     if reply.errno:
         raise OSError(reply.errno, f"kvmtagd refused the connection: {os.strerror(reply.errno)}")
+    # The daemon's limits, not ours: it may accept less than this client's defaults.
+    file.codec.max_message = min(reply.max_message, wire.MAX_MESSAGE)
     file.hello = reply
 
 
@@ -252,7 +254,7 @@ def _exchange(file: _File, fd: int, event: wire.Event) -> wire.Event:
                 if answer.id != event.id:
                     raise wire.RemoteProtocolError(f"answer for {answer.id}, not {event.id}")
                 if isinstance(answer, wire.Read | wire.Write | wire.Vmas):
-                    _serve_callback(sock, file.codec, answer)
+                    _serve_callback(sock, file, answer)
                     continue
                 if isinstance(answer, wire.ReadWindow | wire.WriteWindow):
                     _serve_window(sock, file, answer)
@@ -273,7 +275,8 @@ def _exchange(file: _File, fd: int, event: wire.Event) -> wire.Event:
             sock.detach()
 
 
-def _serve_callback(sock: _socket.socket, codec: wire.Codec, ask: wire.Event) -> None:
+def _serve_callback(sock: _socket.socket, file: _File, ask: wire.Event) -> None:
+    codec = file.codec
     if isinstance(ask, wire.Read):
         buf = bytearray(min(ask.size, wire.WINDOW))
         got = procmem.read_into(ask.addr, buf)
@@ -284,7 +287,8 @@ def _serve_callback(sock: _socket.socket, codec: wire.Codec, ask: wire.Event) ->
         assert isinstance(ask, wire.Vmas)
         vmas = procmem.find_vmas(ask.start, ask.end)
         try:
-            _send(sock, codec, wire.VmasData(ask.id, _limit_fds(vmas)))
+            max_fds = min(file.hello.max_fds, wire.MAX_FDS) if file.hello else wire.MAX_FDS
+            _send(sock, codec, wire.VmasData(ask.id, _limit_fds(vmas, max_fds)))
         finally:
             _close_fds([v.fd for v in vmas if v.fd is not None])
 
@@ -316,13 +320,13 @@ def _serve_window(sock: _socket.socket, file: _File, ask: wire.ReadWindow | wire
     sock.sendall(file.codec.send(wire.WindowDone(ask.id, count))[0])
 
 
-def _limit_fds(vmas: list[Vma]) -> list[Vma]:
-    """At most MAX_FDS descriptors fit in one frame: mappings beyond that go without one, and
-    are tags-only for the daemon (documented in docs/PROTOCOL.md)."""
+def _limit_fds(vmas: list[Vma], max_fds: int) -> list[Vma]:
+    """At most max_fds descriptors (the daemon's, at most MAX_FDS) fit in one frame: mappings
+    beyond that go without one, and are tags-only for the daemon (docs/PROTOCOL.md)."""
     out, sent = [], 0
     for vma in vmas:
         if vma.fd is not None:
-            if sent == wire.MAX_FDS:
+            if sent == max_fds:
                 vma = dataclasses.replace(vma, fd=None)
             else:
                 sent += 1

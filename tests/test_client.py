@@ -1169,45 +1169,102 @@ WINDOWS: dict[str, Callable[[], tuple[list[int], int]]] = {
 }
 
 
-@pytest.mark.parametrize("window", list(WINDOWS))
-def test_a_window_that_could_fault_the_client_is_refused(tmp_path: Path, window: str) -> None:
-    """A daemon could hand over a window it may later shrink under the client (SIGBUS on
-    copies): the client maps only a memfd sealed against shrinking, of the window's size; any
-    other answer is EIO and leaves no descriptor behind."""
+@contextlib.contextmanager
+def fake_kvmtagd(
+    tmp_path: Path, serve: Callable[[socket.socket, wire.Codec], None]
+) -> Iterator[str]:
+    """A stand-in daemon on a socket in tmp_path: serve(connection, codec) answers the first
+    connection; yields the socket's path. The test then checks no descriptor is left."""
     before = set(os.listdir("/proc/self/fd"))
     path = str(tmp_path / "fake.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen()
 
-    def fake_daemon() -> None:
+    def run() -> None:
         conn, _ = listener.accept()
         with conn:
-            codec = wire.Codec(daemon=True)
-            codec.receive_data(conn.recv(4096))
-            hello = codec.next_event()
-            assert isinstance(hello, wire.Hello) and hello.flags & wire.HELLO_SHARED_WINDOW
-            fds, refusal = WINDOWS[window]()
-            reply = wire.HelloReply(hello.id, wire.FdKind.VM, PAGE, "latest", errno=refusal,
-                                    fds=fds)  # fmt: skip
-            data, sent = codec.send(reply)
-            conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(
-                f"{len(sent)}i", *sent))])  # fmt: skip
-            for fd in sent:
-                os.close(fd)
+            serve(conn, wire.Codec(daemon=True))
             conn.recv(1)  # until the client closes
 
-    server = threading.Thread(target=fake_daemon, daemon=True)
+    server = threading.Thread(target=run, daemon=True)
     server.start()
     try:
-        fd = client.open("/dev/kvm", socket=path)
-    except OSError as e:
-        assert window != "a sealed memfd of its size", e
-        assert e.errno == errno.EIO, e
-    else:
-        assert window == "a sealed memfd of its size"
-        assert client._lookup(fd).window is not None
-        client.close(fd)
-    server.join(TIMEOUT)
-    listener.close()
+        yield path
+    finally:
+        server.join(TIMEOUT)
+        listener.close()
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+def fake_send(conn: socket.socket, codec: wire.Codec, event: wire.Event) -> None:
+    data, fds = codec.send(event)
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+    conn.sendmsg([data], anc if fds else [])
+    for fd in fds:
+        os.close(fd)
+
+
+def fake_receive(conn: socket.socket, codec: wire.Codec) -> wire.Event:
+    while (event := codec.next_event()) is wire.NEED_DATA:
+        data, anc, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(64 * 4))
+        fds = [fd for _, _, raw in anc for fd in struct.unpack(f"{len(raw) // 4}i", raw)]
+        codec.receive_data(data, fds)
+    return event  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("window", list(WINDOWS))
+def test_a_window_that_could_fault_the_client_is_refused(tmp_path: Path, window: str) -> None:
+    """A daemon could hand over a window it may later shrink under the client (SIGBUS on
+    copies): the client maps only a memfd sealed against shrinking, of the window's size; any
+    other answer is EIO and leaves no descriptor behind."""
+
+    def serve(conn: socket.socket, codec: wire.Codec) -> None:
+        hello = fake_receive(conn, codec)
+        assert isinstance(hello, wire.Hello) and hello.flags & wire.HELLO_SHARED_WINDOW
+        fds, refusal = WINDOWS[window]()
+        fake_send(conn, codec, wire.HelloReply(hello.id, wire.FdKind.VM, PAGE, "latest",
+                                               errno=refusal, fds=fds))  # fmt: skip
+
+    with fake_kvmtagd(tmp_path, serve) as path:
+        try:
+            fd = client.open("/dev/kvm", socket=path)
+        except OSError as e:
+            assert window != "a sealed memfd of its size", e
+            assert e.errno == errno.EIO, e
+        else:
+            assert window == "a sealed memfd of its size"
+            assert client._lookup(fd).window is not None
+            client.close(fd)
+
+
+def test_the_client_honours_the_daemons_descriptor_limit(tmp_path: Path, vmm: Vmm) -> None:
+    """A daemon that takes at most one descriptor a frame gets one: the other mapping of the
+    range is described without its descriptor (tags-only for that daemon)."""
+    first, second = (vmm.map(PAGE, vmm.memfd(PAGE)) for _ in range(2))
+    low, high = min(first, second), max(first, second) + PAGE
+    got: list[wire.Event] = []
+
+    def serve(conn: socket.socket, codec: wire.Codec) -> None:
+        hello = fake_receive(conn, codec)
+        fake_send(conn, codec, wire.HelloReply(hello.id, wire.FdKind.SYSTEM, PAGE, "latest",
+                                               max_fds=1))  # fmt: skip
+        request = fake_receive(conn, codec)
+        fake_send(conn, codec, wire.Vmas(request.id, low, high))
+        got.append(answer := fake_receive(conn, codec))
+        assert isinstance(answer, wire.VmasData)
+        for fd in answer.fds:
+            os.close(fd)
+        fake_send(conn, codec, wire.Reply(request.id, 0))
+
+    with fake_kvmtagd(tmp_path, serve) as path:
+        fd = client.open("/dev/kvm", socket=path)
+        try:
+            assert client.ioctl(fd, uapi.KVM_CHECK_EXTENSION, 0) == 0
+        finally:
+            client.close(fd)
+    (answer,) = got
+    assert isinstance(answer, wire.VmasData)
+    described = [v for v in answer.vmas if v.start in (first, second)]
+    assert len(described) == 2 and len(answer.fds) == 1, answer
+    assert sum(v.fd is not None for v in described) == 1
