@@ -43,6 +43,38 @@ ffibuilder.cdef(
     size_t kt_bitmap_andnot(uint64_t *bitmap, uint64_t *mask, size_t nwords);
     void kt_bitmap_set(uint8_t *bitmap, size_t first, size_t n);
     size_t kt_bitmap_count(const uint8_t *bitmap, size_t first, size_t n);
+    #define KT_GROUP_BITS ...
+    #define KT_EMPTY ...
+    #define KT_ZERO ...
+    struct kt_slab {
+        uint8_t **arenas;
+        size_t max_arenas;
+        unsigned arena_shift;
+        size_t slot_bytes;
+        size_t nslots;
+        size_t slot_limit;
+    };
+    struct kt_table {
+        uint64_t *entries;
+        size_t capacity;
+        unsigned hash_shift;
+        size_t count;
+        size_t max_count;
+    };
+    uint32_t kt_table_get(const struct kt_table *t, uint32_t key);
+    void kt_table_rehash(struct kt_table *dst, const struct kt_table *src);
+    void kt_store_read(const struct kt_table *t, const struct kt_slab *s, uint32_t key,
+                       size_t npages, uint8_t *dst);
+    void kt_store_read_packed(const struct kt_table *t, const struct kt_slab *s, uint32_t key,
+                              size_t npages, uint8_t *dst);
+    size_t kt_store_write(struct kt_table *t, struct kt_slab *s, uint32_t key, size_t npages,
+                          const uint8_t *src);
+    size_t kt_store_clear(struct kt_table *t, struct kt_slab *s, uint32_t key, size_t npages);
+    int kt_store_fill(struct kt_table *t, struct kt_slab *s, uint32_t key, size_t first_granule,
+                      size_t ngranules, unsigned tag);
+    size_t kt_store_find_mismatch(const struct kt_table *t, const struct kt_slab *s,
+                                  uint32_t key, size_t first_granule, size_t ngranules,
+                                  unsigned tag);
     int kt_guard_install(void);
     int kt_guarded_copy(void *dst, const void *src, size_t n);
     """
@@ -54,7 +86,9 @@ ffibuilder.set_source(
     # Relative to the project root, the build's working directory (setuptools runs there, and
     # compile() below moves there): distutils puts each object file at build_temp/<source path>,
     # so an absolute path would recreate /work/... inside the tree.
-    sources=[str((CDEFS / name).relative_to(PROJECT_ROOT)) for name in ("tagkernel.c", "guarded.c")],
+    sources=[
+        str((CDEFS / name).relative_to(PROJECT_ROOT)) for name in ("tagkernel.c", "guarded.c")
+    ],
     include_dirs=[str(CDEFS)],
     # -O3: gcc vectorises the pack/unpack byte loops only at -O3 (gcc 12 at -O2: 0.28× memcpy
     # instead of 1.2×; see tagkernel.c). No -march: the extension must run on any CPU of its

@@ -198,3 +198,350 @@ size_t kt_bitmap_count(const uint8_t *bitmap, size_t first, size_t n)
         count += kt_popcount64(bitmap[i]);
     return count;
 }
+
+/* --- the tag store: a page table over a slab of packed pages --------------
+ *
+ * Loads and stores of table entries go through volatile pointers: one 64-bit
+ * access each, which the compiler may neither split nor repeat, since readers
+ * run without a lock while a writer inserts (see tagkernel.h). */
+
+#define KT_GROUP_MASK ((1u << KT_GROUP_BITS) - 1)
+
+/* 2^64 / golden ratio, odd: Fibonacci hashing's multiplier. */
+#define KT_FIBONACCI 0x9E3779B97F4A7C15u
+
+/* The home entry of key: its group of 2^KT_GROUP_BITS consecutive keys hashed
+ * to a group of as many entries, the key's low bits kept within it. */
+static size_t kt_home(const struct kt_table *t, uint32_t key)
+{
+    const uint64_t group = key >> KT_GROUP_BITS;
+    const size_t hashed = (size_t)((group * KT_FIBONACCI) >> t->hash_shift);
+
+    return (hashed << KT_GROUP_BITS) | (key & KT_GROUP_MASK);
+}
+
+static uint32_t kt_value(uint64_t entry)
+{
+    return (uint32_t)(entry >> 32);
+}
+
+/* The index of key's entry, or of the free entry that ends its probe (where it
+ * would be inserted); the entry itself in *entry. The table always has a free
+ * entry (count <= max_count < capacity), so the probe ends. */
+static size_t kt_find(const struct kt_table *t, uint32_t key, uint64_t *entry)
+{
+    const volatile uint64_t *entries = t->entries;
+    const size_t mask = t->capacity - 1;
+    size_t i = kt_home(t, key);
+
+    for (;; i = (i + 1) & mask) {
+        const uint64_t e = entries[i];
+
+        if (kt_value(e) == KT_EMPTY || (uint32_t)e == key) {
+            *entry = e;
+            return i;
+        }
+    }
+}
+
+static void kt_put(struct kt_table *t, size_t i, uint32_t key, uint32_t value)
+{
+    volatile uint64_t *entries = t->entries;
+
+    entries[i] = (uint64_t)key | (uint64_t)value << 32;
+}
+
+/* The packed bytes of the slot a value names (value is neither KT_EMPTY nor
+ * KT_ZERO), or NULL if its arena is not mapped: never the case, since Python
+ * maps an arena before any entry can name its slots, but a reader checks. */
+static uint8_t *kt_slot(const struct kt_slab *s, uint32_t value)
+{
+    const size_t slot = (size_t)value - 1;
+    uint8_t *arena = s->arenas[slot >> s->arena_shift];
+
+    if (arena == NULL)
+        return NULL;
+    return arena + (slot & (((size_t)1 << s->arena_shift) - 1)) * s->slot_bytes;
+}
+
+/* The packed bytes of key's page, or NULL if it has none (never tagged, or
+ * tagged with all tags zero). */
+static const uint8_t *kt_lookup(const struct kt_table *t, const struct kt_slab *s, uint32_t key)
+{
+    uint64_t e;
+    uint32_t v;
+
+    kt_find(t, key, &e);
+    v = kt_value(e);
+    if (v == KT_EMPTY || v == KT_ZERO)
+        return NULL;
+    return kt_slot(s, v);
+}
+
+/* 1 if the low nibbles of the n one-per-byte tags at tags are all zero. */
+static int kt_tags_zero(const uint8_t *tags, size_t n)
+{
+    uint8_t acc = 0;
+
+    for (size_t j = 0; j < n; j++)
+        acc |= tags[j];
+    return (acc & KT_NIBBLE) == 0;
+}
+
+/* Hands out the next slot (fresh, so all zero): its value (slot + 1). The
+ * caller checked that s->nslots < s->slot_limit. */
+static uint32_t kt_new_slot(struct kt_slab *s)
+{
+    return (uint32_t)(++s->nslots);
+}
+
+uint32_t kt_table_get(const struct kt_table *t, uint32_t key)
+{
+    uint64_t e;
+
+    kt_find(t, key, &e);
+    return kt_value(e);
+}
+
+void kt_table_rehash(struct kt_table *restrict dst, const struct kt_table *restrict src)
+{
+    const size_t mask = dst->capacity - 1;
+
+    for (size_t j = 0; j < src->capacity; j++) {
+        const uint64_t e = src->entries[j];
+        size_t i;
+
+        if (kt_value(e) == KT_EMPTY)
+            continue;
+        for (i = kt_home(dst, (uint32_t)e); dst->entries[i]; i = (i + 1) & mask)
+            ;
+        dst->entries[i] = e;
+        dst->count++;
+    }
+}
+
+/* A run of pages whose tags are consecutive bytes: those of consecutive slots
+ * of one arena (pages tagged in order), or none (zero). Copies go a run at a
+ * time rather than a page at a time. */
+struct kt_run {
+    size_t first;          /* its first page, relative to the call's */
+    size_t npages;
+    const uint8_t *packed; /* its first page's packed tags, or NULL: all zero */
+};
+
+/* Extend run by page i, whose packed tags are at packed (NULL: zero), if it
+ * continues the run; 0 if the run must be flushed and a new one started. */
+static int kt_run_extend(struct kt_run *run, size_t i, const uint8_t *packed, size_t ppp)
+{
+    if (run->npages == 0 || run->first + run->npages != i)
+        return 0;
+    if (packed == NULL ? run->packed != NULL
+                       : run->packed == NULL || packed != run->packed + run->npages * ppp)
+        return 0;
+    run->npages++;
+    return 1;
+}
+
+/* The value of key's page when key - 1's entry was at *at: pages tagged in
+ * order have their entries side by side (a group of a key shares its home
+ * line), so the next entry is tried first. *at becomes key's entry, or the
+ * free entry that ends its probe. */
+static uint32_t kt_next_value(const struct kt_table *t, uint32_t key, size_t *at)
+{
+    const volatile uint64_t *entries = t->entries;
+    const size_t next = (*at + 1) & (t->capacity - 1);
+    const uint64_t e = entries[next];
+    uint64_t found;
+
+    if ((uint32_t)e == key && kt_value(e) != KT_EMPTY) {
+        *at = next;
+        return kt_value(e);
+    }
+    *at = kt_find(t, key, &found);
+    return kt_value(found);
+}
+
+static void kt_flush_unpack(const struct kt_run *run, uint8_t *dst, size_t tpp)
+{
+    if (run->packed)
+        kt_unpack(dst + run->first * tpp, run->packed, run->npages * tpp);
+    else
+        memset(dst + run->first * tpp, 0, run->npages * tpp);
+}
+
+static void kt_flush_copy(const struct kt_run *run, uint8_t *dst, size_t ppp)
+{
+    if (run->packed)
+        memcpy(dst + run->first * ppp, run->packed, run->npages * ppp);
+    else
+        memset(dst + run->first * ppp, 0, run->npages * ppp);
+}
+
+/* The packed tags of a page whose value is v, or NULL if it has none. */
+static const uint8_t *kt_packed_of(const struct kt_slab *s, uint32_t v)
+{
+    return v == KT_EMPTY || v == KT_ZERO ? NULL : kt_slot(s, v);
+}
+
+void kt_store_read(const struct kt_table *t, const struct kt_slab *s, uint32_t key,
+                   size_t npages, uint8_t *restrict dst)
+{
+    const size_t ppp = s->slot_bytes;
+    struct kt_run run = {0, 0, NULL};
+    size_t at = kt_home(t, key) - 1; /* no previous entry: kt_next_value finds key */
+
+    for (size_t i = 0; i < npages; i++) {
+        const uint8_t *packed = kt_packed_of(s, kt_next_value(t, (uint32_t)(key + i), &at));
+
+        if (!kt_run_extend(&run, i, packed, ppp)) {
+            if (run.npages)
+                kt_flush_unpack(&run, dst, 2 * ppp);
+            run.first = i;
+            run.npages = 1;
+            run.packed = packed;
+        }
+    }
+    if (run.npages)
+        kt_flush_unpack(&run, dst, 2 * ppp);
+}
+
+void kt_store_read_packed(const struct kt_table *t, const struct kt_slab *s, uint32_t key,
+                          size_t npages, uint8_t *restrict dst)
+{
+    const size_t ppp = s->slot_bytes;
+    struct kt_run run = {0, 0, NULL};
+    size_t at = kt_home(t, key) - 1;
+
+    for (size_t i = 0; i < npages; i++) {
+        const uint8_t *packed = kt_packed_of(s, kt_next_value(t, (uint32_t)(key + i), &at));
+
+        if (!kt_run_extend(&run, i, packed, ppp)) {
+            if (run.npages)
+                kt_flush_copy(&run, dst, ppp);
+            run.first = i;
+            run.npages = 1;
+            run.packed = packed;
+        }
+    }
+    if (run.npages)
+        kt_flush_copy(&run, dst, ppp);
+}
+
+/* Pack the one-per-byte tags of a run's pages into its slots (a run of
+ * pages with slots only). */
+static void kt_flush_pack(const struct kt_run *run, const uint8_t *src, size_t tpp)
+{
+    kt_pack((uint8_t *)run->packed, src + run->first * tpp, run->npages * tpp);
+}
+
+size_t kt_store_write(struct kt_table *t, struct kt_slab *s, uint32_t key, size_t npages,
+                      const uint8_t *restrict src)
+{
+    const size_t ppp = s->slot_bytes;
+    const size_t tpp = 2 * ppp;
+    struct kt_run run = {0, 0, NULL}; /* pages with slots, packed a run at a time */
+    size_t at = kt_home(t, key) - 1;
+    size_t i;
+
+    for (i = 0; i < npages; i++) {
+        const uint32_t k = (uint32_t)(key + i);
+        const uint32_t v = kt_next_value(t, k, &at);
+        const uint8_t *packed;
+        uint32_t value;
+
+        if (v == KT_EMPTY || v == KT_ZERO) { /* no slot yet */
+            if (v == KT_EMPTY && t->count >= t->max_count)
+                break;
+            if (kt_tags_zero(src + i * tpp, tpp)) {
+                if (v == KT_EMPTY) {
+                    t->count++;
+                    kt_put(t, at, k, KT_ZERO);
+                }
+                continue;
+            }
+            if (s->nslots >= s->slot_limit)
+                break;
+            /* A reader may see the entry before the tags are packed: it then reads
+             * the fresh slot's zeros, the page's tags before this write. */
+            value = kt_new_slot(s);
+            if (v == KT_EMPTY)
+                t->count++;
+            kt_put(t, at, k, value);
+        } else {
+            value = v;
+        }
+        packed = kt_slot(s, value);
+        if (!kt_run_extend(&run, i, packed, ppp)) {
+            if (run.npages)
+                kt_flush_pack(&run, src, tpp);
+            run.first = i;
+            run.npages = 1;
+            run.packed = packed;
+        }
+    }
+    if (run.npages)
+        kt_flush_pack(&run, src, tpp);
+    return i;
+}
+
+size_t kt_store_clear(struct kt_table *t, struct kt_slab *s, uint32_t key, size_t npages)
+{
+    for (size_t i = 0; i < npages; i++) {
+        const uint32_t k = (uint32_t)(key + i);
+        uint64_t e;
+        const size_t at = kt_find(t, k, &e);
+        const uint32_t v = kt_value(e);
+
+        if (v == KT_ZERO)
+            continue;
+        if (v != KT_EMPTY) {
+            memset(kt_slot(s, v), 0, s->slot_bytes);
+            continue;
+        }
+        if (t->count >= t->max_count)
+            return i;
+        t->count++;
+        kt_put(t, at, k, KT_ZERO);
+    }
+    return npages;
+}
+
+int kt_store_fill(struct kt_table *t, struct kt_slab *s, uint32_t key, size_t first_granule,
+                  size_t ngranules, unsigned tag)
+{
+    uint64_t e;
+    const size_t at = kt_find(t, key, &e);
+    const uint32_t v = kt_value(e);
+    uint32_t value;
+
+    if (v != KT_EMPTY && v != KT_ZERO) {
+        kt_fill(kt_slot(s, v), first_granule, ngranules, tag);
+        return 1;
+    }
+    if (v == KT_EMPTY && t->count >= t->max_count)
+        return 0;
+    if ((tag & KT_NIBBLE) == 0 || ngranules == 0) { /* all its tags stay zero */
+        if (v == KT_ZERO)
+            return 1;
+        value = KT_ZERO;
+    } else {
+        if (s->nslots >= s->slot_limit)
+            return 0;
+        value = kt_new_slot(s);
+        kt_fill(kt_slot(s, value), first_granule, ngranules, tag);
+    }
+    if (v == KT_EMPTY)
+        t->count++;
+    kt_put(t, at, key, value);
+    return 1;
+}
+
+size_t kt_store_find_mismatch(const struct kt_table *t, const struct kt_slab *s, uint32_t key,
+                              size_t first_granule, size_t ngranules, unsigned tag)
+{
+    const uint8_t *packed = kt_lookup(t, s, key);
+
+    if (packed)
+        return kt_find_mismatch(packed, first_granule, ngranules, tag);
+    return (tag & KT_NIBBLE) == 0 ? ngranules : 0;
+}

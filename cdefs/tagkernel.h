@@ -26,6 +26,8 @@
  * Nothing here allocates, locks or fails: Python owns every buffer, and the
  * facade (kvmtag/tagkernel.py) checks every length and index against the
  * buffers' sizes before calling, so these functions trust their arguments.
+ * The tag store's structs (below) are built only by the facade's Slab and
+ * PageTable classes, which keep them consistent with the memory they name.
  * Output buffers never overlap input buffers (restrict). uint64_t pointers are
  * 8-byte aligned.
  */
@@ -73,5 +75,109 @@ void kt_bitmap_set(uint8_t *bitmap, size_t first, size_t n);
 
 /* Number of set bits among bits [first, first + n) of bitmap. */
 size_t kt_bitmap_count(const uint8_t *bitmap, size_t first, size_t n);
+
+/*
+ * THE TAG STORE: A PAGE TABLE OVER A SLAB OF PACKED PAGES
+ * =======================================================
+ * One backing's tags (kvmtag/tagstore.py) are a slab of packed page slots and,
+ * per region of 2^32 pages, an open-addressing hash table from the page's
+ * 32-bit key (its index within the region) to its slot.
+ *
+ * Slab: slot s holds slot_bytes packed bytes (PAGE_SIZE / 32) at
+ *     arenas[s >> arena_shift] + (s & ((1 << arena_shift) - 1)) * slot_bytes.
+ * Slots are handed out in order (nslots is the next one) and never given back,
+ * so a slot not yet handed out is all zero (arenas are fresh anonymous
+ * memory). Slots [0, slot_limit) are mapped; the inserting functions stop
+ * before handing out slot_limit, so Python can map an arena and call again.
+ *
+ * Table: capacity 64-bit entries, capacity a power of two. An entry is
+ *     key | (uint64_t)value << 32
+ * with value KT_EMPTY (0: a free entry; the whole word is then 0, so a zeroed
+ * buffer is an empty table), KT_ZERO (the page is tagged and all its tags are
+ * zero: it has no slot), or s + 1 for a page whose tags are in slot s.
+ * Entries are never removed. A key's home entry keeps the low KT_GROUP_BITS
+ * bits of the key and hashes the rest (Fibonacci hashing), so 64 consecutive
+ * pages have their home entries side by side in 512 bytes, and a copy of a
+ * range of pages takes one cache miss per 64 pages, not one per page (8 per
+ * group: ~2.5x slower; 256: no faster, and longer probes after a collision of
+ * two groups); collisions probe linearly. The inserting
+ * functions stop before count would exceed max_count (< capacity: the table
+ * always keeps a free entry, which ends every probe), so Python can grow the
+ * table (kt_table_rehash into a new one) and call again.
+ *
+ * Concurrency: one writer at a time per table and slab (the caller's lock);
+ * any number of readers without a lock. A writer stores a whole entry with
+ * one aligned 64-bit store, and readers load it with one load; a slot it
+ * names is mapped before, and is either the page's old slot or a fresh one
+ * (zero, as the page's tags were before). Tables a reader may still use are
+ * never written again after Python replaces them. A reader racing a writer
+ * sees each page's tags before or after the write, or partly written; never
+ * memory outside the table and the slab.
+ */
+
+#define KT_GROUP_BITS 6
+#define KT_EMPTY 0u
+#define KT_ZERO 0xFFFFFFFFu
+
+struct kt_slab {
+    uint8_t **arenas;     /* max_arenas pointers; those of mapped arenas set */
+    size_t max_arenas;
+    unsigned arena_shift; /* slots per arena = 1 << arena_shift */
+    size_t slot_bytes;    /* packed bytes per page: even, > 0 */
+    size_t nslots;        /* slots handed out */
+    size_t slot_limit;    /* slots mapped; <= max_arenas << arena_shift */
+};
+
+struct kt_table {
+    uint64_t *entries;    /* capacity entries */
+    size_t capacity;      /* a power of two, >= 2 << KT_GROUP_BITS */
+    unsigned hash_shift;  /* 64 - log2(capacity >> KT_GROUP_BITS) */
+    size_t count;         /* entries in use */
+    size_t max_count;     /* < capacity */
+};
+
+/* The value stored for key: KT_EMPTY if the page was never tagged. */
+uint32_t kt_table_get(const struct kt_table *t, uint32_t key);
+
+/* Insert every entry of src into dst, which is empty and large enough
+ * (src->count <= dst->max_count). */
+void kt_table_rehash(struct kt_table *restrict dst, const struct kt_table *restrict src);
+
+/* Unpacked (one per byte) tags of the npages pages from key on into dst
+ * (npages * 2 * slot_bytes bytes); pages never tagged or zero read as 0.
+ * key + npages <= 2^32. */
+void kt_store_read(const struct kt_table *t, const struct kt_slab *s, uint32_t key,
+                   size_t npages, uint8_t *restrict dst);
+
+/* The same, packed: npages * slot_bytes bytes. */
+void kt_store_read_packed(const struct kt_table *t, const struct kt_slab *s, uint32_t key,
+                          size_t npages, uint8_t *restrict dst);
+
+/* Set the tags of the npages pages from key on from one-per-byte src (high
+ * nibbles ignored) and mark them tagged; a page that has no slot and whose new
+ * tags are all zero gets none (KT_ZERO). Returns the pages done: fewer than
+ * npages when the next page needed a table entry (count == max_count) or a
+ * slot (nslots == slot_limit). */
+size_t kt_store_write(struct kt_table *t, struct kt_slab *s, uint32_t key, size_t npages,
+                      const uint8_t *restrict src);
+
+/* Zero the tags of the npages pages from key on and mark them tagged (a slot
+ * is kept and zeroed; a page without one becomes KT_ZERO). Returns the pages
+ * done: fewer than npages when the next page needed a table entry. */
+size_t kt_store_clear(struct kt_table *t, struct kt_slab *s, uint32_t key, size_t npages);
+
+/* Set granules [first_granule, first_granule + ngranules) of one page to the
+ * low nibble of tag and mark the page tagged (its other granules keep their
+ * tags: zero if it had none). first_granule + ngranules <= 2 * slot_bytes.
+ * Returns 1, or 0 with nothing changed when it needed a table entry or a
+ * slot. */
+int kt_store_fill(struct kt_table *t, struct kt_slab *s, uint32_t key, size_t first_granule,
+                  size_t ngranules, unsigned tag);
+
+/* kt_find_mismatch on granules [first_granule, first_granule + ngranules) of
+ * one page (all zero if it has no slot). first_granule + ngranules <=
+ * 2 * slot_bytes. */
+size_t kt_store_find_mismatch(const struct kt_table *t, const struct kt_slab *s, uint32_t key,
+                              size_t first_granule, size_t ngranules, unsigned tag);
 
 #endif /* KVMTAG_TAGKERNEL_H */

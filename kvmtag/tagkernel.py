@@ -15,6 +15,11 @@ Formats (cdefs/tagkernel.h states them for the C side):
 - *bitmaps* are Linux little-endian bitmaps, like the dirty log: bit i is (1 << i % 8) of byte
   i // 8.
 
+The tag store's memory (kvmtag/tagstore.py) is built here too: `Slab` (packed page slots in
+arenas of anonymous memory) and `PageTable` (one region's hash table from page keys to slots)
+own the buffers and the C structs that describe them, so the C code that indexes them can trust
+those structs; their methods check every key, length and tag like the functions above.
+
 The GIL: cffi releases it around every call into `lib` (the generated kvmtag/_tagkernel.c wraps
 each call in Py_BEGIN_ALLOW_THREADS / Py_END_ALLOW_THREADS), so a pack of 64 MiB never blocks
 other Python threads. The buffers stay exported for the whole call (the `with` blocks below):
@@ -24,6 +29,8 @@ as soon as the call returns, even when it raises.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import operator
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +41,13 @@ if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
 __all__ = [
+    "EMPTY",
+    "GROUP_BITS",
+    "KEYS_PER_TABLE",
     "MAX_TAG",
+    "ZERO",
+    "PageTable",
+    "Slab",
     "bitmap_andnot",
     "bitmap_count",
     "bitmap_set",
@@ -54,6 +67,18 @@ MAX_TAG = 0xF
 
 _WORD_BYTES = 8
 """kt_bitmap_andnot works on 64-bit words."""
+
+KEYS_PER_TABLE = 1 << 32
+"""A page table's keys are 32-bit: page indexes within a region of 2^32 pages."""
+
+EMPTY: int = lib.KT_EMPTY
+"""PageTable.value of a page never tagged."""
+
+ZERO: int = lib.KT_ZERO
+"""PageTable.value of a page tagged with all tags zero (it has no slot); else slot + 1."""
+
+GROUP_BITS: int = lib.KT_GROUP_BITS
+"""A page key's home entry in a table keeps the key's low GROUP_BITS bits (tagkernel.h)."""
 
 
 # --- buffers and arguments -----------------------------------------------------------------------
@@ -329,3 +354,287 @@ def guarded_copy(dst: WriteableBuffer, src: ReadableBuffer) -> bool:
     if lib.kt_guard_install() != 0:
         raise OSError(ffi.errno, "sigaction(SIGBUS)")
     return bool(lib.kt_guarded_copy(d, s, len(d)) == 0)
+
+
+# --- the tag store: a page table over a slab of packed pages -------------------------------------
+#
+# cdefs/tagkernel.h describes the layout and the concurrency contract. The C functions trust the
+# structs they are given, so only these two classes build them: a Slab's arenas are mapped before
+# its slot_limit counts them, a PageTable's entries buffer holds its capacity, and a table only
+# ever works with the slab it was made for (its entries name that slab's slots).
+
+
+def _anonymous(size: int) -> mmap.mmap:
+    """Private anonymous memory: zero, and costing nothing until touched."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+def _resident(size: int) -> int:
+    """`size` bytes rounded up to whole pages of the host (what touching them costs)."""
+    return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+def _power_of_two(value: int, what: str) -> int:
+    value = operator.index(value)
+    if value <= 0 or value & (value - 1):
+        raise ValueError(f"{what} must be a power of two, got {value}")
+    return value
+
+
+class Slab:
+    """Packed page slots of `slot_bytes` each, in arenas of `arena_bytes` of anonymous memory.
+
+    Slots are handed out by the C kernel in order (a page's on its first tagging with non-zero
+    tags) and never given back; an arena's untouched tail costs no memory. `add_arena` maps the
+    next arena when the kernel stops for want of a slot (`full`).
+    """
+
+    def __init__(self, slot_bytes: int, arena_bytes: int) -> None:
+        """Raises ValueError unless slot_bytes is an even power of two and arena_bytes a power
+        of two at least as large."""
+        slot_bytes = _power_of_two(slot_bytes, "slot_bytes")
+        arena_bytes = _power_of_two(arena_bytes, "arena_bytes")
+        if slot_bytes < 2 or arena_bytes < slot_bytes:
+            raise ValueError(f"slot_bytes {slot_bytes} must be even and <= arena_bytes")
+        self.slot_bytes = slot_bytes
+        self.arena_bytes = arena_bytes
+        self.slots_per_arena = arena_bytes // slot_bytes
+        # A slot's value in a table is slot + 1, below KT_ZERO; at most 2^16 arenas (4 MiB
+        # arenas: 256 GiB of packed tags, 8 TiB of memory with 4 KiB pages).
+        self.max_arenas = min(1 << 16, (ZERO - 1) // self.slots_per_arena)
+        self._arenas: list[Any] = []  # uint8_t[] views; each holds its mmap, exported for good
+        self._pointers: Any = None  # the arenas' addresses, mapped with the first arena
+        self._c = ffi.new("struct kt_slab *")
+        self._c.max_arenas = self.max_arenas
+        self._c.arena_shift = self.slots_per_arena.bit_length() - 1
+        self._c.slot_bytes = slot_bytes
+
+    @property
+    def nslots(self) -> int:
+        """Slots handed out."""
+        return int(self._c.nslots)
+
+    @property
+    def slot_limit(self) -> int:
+        """Slots in mapped arenas."""
+        return int(self._c.slot_limit)
+
+    @property
+    def full(self) -> bool:
+        return self.nslots >= self.slot_limit
+
+    @property
+    def narenas(self) -> int:
+        return len(self._arenas)
+
+    def add_arena(self) -> None:
+        """Maps one more arena of fresh (zero) slots.
+
+        Raises:
+            MemoryError: the slab has max_arenas already.
+        """
+        if len(self._arenas) >= self.max_arenas:
+            raise MemoryError(f"a slab holds at most {self.max_arenas} arenas")
+        if self._pointers is None:
+            # Mapped once for max_arenas, it never moves: readers without the lock may use it
+            # while an arena is added. Untouched, its tail costs nothing.
+            size = self.max_arenas * ffi.sizeof("uint8_t *")
+            self._pointers = ffi.from_buffer("uint8_t *[]", _anonymous(size), require_writable=True)
+            self._c.arenas = self._pointers
+        arena = _anonymous(self.arena_bytes)
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            # Transparent huge pages would make a backing's partly used arena cost 2 MiB.
+            with contextlib.suppress(OSError):  # EINVAL: a kernel without them
+                arena.madvise(mmap.MADV_NOHUGEPAGE)
+        view = ffi.from_buffer("uint8_t[]", arena, require_writable=True)
+        self._pointers[len(self._arenas)] = view  # mapped before slot_limit counts its slots
+        self._arenas.append(view)
+        self._c.slot_limit = len(self._arenas) * self.slots_per_arena
+
+    def packed_slot(self, slot: int) -> bytes:
+        """A copy of the packed bytes of a slot handed out (for tests and debugging)."""
+        slot = _count(slot, "slot")
+        if slot >= self.nslots:
+            raise ValueError(f"slot {slot} not handed out: the slab has {self.nslots}")
+        arena, index = divmod(slot, self.slots_per_arena)
+        start = index * self.slot_bytes
+        return bytes(ffi.buffer(self._arenas[arena])[start : start + self.slot_bytes])
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the slab holds: full arenas, the used part of the last one (in host pages),
+        and the pointers' pages."""
+        if not self._arenas:
+            return 0
+        last_used = self.nslots - (len(self._arenas) - 1) * self.slots_per_arena
+        return (
+            (len(self._arenas) - 1) * _resident(self.arena_bytes)
+            + _resident(last_used * self.slot_bytes)
+            + _resident(len(self._arenas) * ffi.sizeof("uint8_t *"))
+        )
+
+
+class PageTable:
+    """One region's page table: 32-bit page keys to slots of `slab`, or "tagged, all zero".
+
+    An open-addressing hash table in anonymous memory (cdefs/tagkernel.h). Its capacity never
+    changes: `grown` makes a larger copy, and the caller swaps it in and drops this one. A
+    reader that still holds this one keeps its memory alive (Python frees the mapping only when
+    the last reference goes), and no writer touches it again: that is what makes lock-free
+    readers safe across a resize.
+
+    The writing methods stop early when the table is `full` (count reached max_count) or the
+    slab is: they return what they did, and the caller grows one or the other and goes on.
+    """
+
+    LOAD_FACTOR = (3, 4)
+    """max_count = capacity * 3 / 4: linear probing's probes stay short (about 2.5 on a hit,
+    8.5 on a miss at the worst), and a doubled table is then at most 3/8 full."""
+
+    MIN_CAPACITY = 2 << GROUP_BITS
+
+    def __init__(self, slab: Slab, capacity: int) -> None:
+        """Raises ValueError unless capacity is a power of two >= MIN_CAPACITY."""
+        capacity = _power_of_two(capacity, "capacity")
+        if capacity < self.MIN_CAPACITY:
+            raise ValueError(f"capacity must be >= {self.MIN_CAPACITY}, got {capacity}")
+        if not isinstance(slab, Slab):
+            raise TypeError(f"slab must be a Slab, not {type(slab).__name__}")
+        self.slab = slab
+        self._entries = ffi.from_buffer(
+            "uint64_t[]", _anonymous(capacity * ffi.sizeof("uint64_t")), require_writable=True
+        )
+        num, den = self.LOAD_FACTOR
+        self._c = ffi.new("struct kt_table *")
+        self._c.entries = self._entries
+        self._c.capacity = capacity
+        groups = capacity >> GROUP_BITS
+        self._c.hash_shift = 64 - (groups.bit_length() - 1)
+        self._c.max_count = capacity * num // den
+
+    @property
+    def capacity(self) -> int:
+        return int(self._c.capacity)
+
+    @property
+    def count(self) -> int:
+        """Pages in the table: every page ever tagged in this region."""
+        return int(self._c.count)
+
+    @property
+    def max_count(self) -> int:
+        return int(self._c.max_count)
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.max_count
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the table may hold: all its entries (hashing spreads pages over all of them,
+        so a table a few percent full has touched nearly every page of its memory)."""
+        return _resident(self.capacity * ffi.sizeof("uint64_t"))
+
+    def grown(self) -> PageTable:
+        """A table of twice the capacity with the same entries (this one is left unchanged)."""
+        new = PageTable(self.slab, 2 * self.capacity)
+        lib.kt_table_rehash(new._c, self._c)
+        return new
+
+    def entries(self) -> bytes:
+        """A copy of the raw entries (for tests and debugging): little-endian words
+        key | value << 32 on little-endian hosts."""
+        return bytes(ffi.buffer(self._entries))
+
+    def value(self, key: int) -> int:
+        """The value stored for a key: EMPTY (never tagged), ZERO (tagged, all zero, no slot)
+        or slot + 1."""
+        return int(lib.kt_table_get(self._c, _check_keys(key, 0)))
+
+    def is_tagged(self, key: int) -> bool:
+        return self.value(key) != EMPTY
+
+    def read(self, key: int, dst: WriteableBuffer) -> None:
+        """Unpacked tags (one per byte) of the pages from `key` on into `dst`, a whole number
+        of pages (2 * slot_bytes each); untagged pages read as zero.
+
+        Raises:
+            ValueError: dst not a whole number of pages, read-only, or past the region's end.
+        """
+        with _writable(dst, "dst") as d:
+            npages = self._pages(len(d), 2 * self.slab.slot_bytes, "dst")
+            lib.kt_store_read(self._c, self.slab._c, _check_keys(key, npages), npages, d)
+
+    def read_packed(self, key: int, dst: WriteableBuffer) -> None:
+        """Packed tags (slot_bytes a page) of the pages from `key` on into `dst`."""
+        with _writable(dst, "dst") as d:
+            npages = self._pages(len(d), self.slab.slot_bytes, "dst")
+            lib.kt_store_read_packed(self._c, self.slab._c, _check_keys(key, npages), npages, d)
+
+    def write(self, key: int, src: ReadableBuffer) -> int:
+        """Sets the tags of the pages from `key` on from one-per-byte `src` (a whole number of
+        pages) and marks them tagged; a page without a slot whose new tags are all zero gets
+        none.
+
+        Returns:
+            The number of pages written: fewer than `src` holds when the table or the slab is
+            full (grow it and call again with the rest).
+        """
+        with _readable(src, "src") as s:
+            npages = self._pages(len(s), 2 * self.slab.slot_bytes, "src")
+            key = _check_keys(key, npages)
+            return int(lib.kt_store_write(self._c, self.slab._c, key, npages, s))
+
+    def clear(self, key: int, npages: int) -> int:
+        """Zeroes the tags of `npages` pages from `key` on and marks them tagged.
+
+        Returns:
+            The number of pages done: fewer than npages when the table is full.
+        """
+        npages = _count(npages, "npages")
+        key = _check_keys(key, npages)
+        return int(lib.kt_store_clear(self._c, self.slab._c, key, npages))
+
+    def fill(self, key: int, first_granule: int, ngranules: int, tag: int) -> bool:
+        """Sets granules [first_granule, first_granule + ngranules) of one page to `tag` and
+        marks the page tagged (its other granules keep their tags, zero if it had none).
+
+        Returns:
+            False, with nothing changed, when the table or the slab is full.
+        """
+        tag = _check_tag(tag)
+        first, n = _check_range(
+            first_granule, ngranules, 2 * self.slab.slot_bytes, "a page", "granule"
+        )
+        return bool(lib.kt_store_fill(self._c, self.slab._c, _check_keys(key, 1), first, n, tag))
+
+    def find_mismatch(self, key: int, first_granule: int, ngranules: int, tag: int) -> int | None:
+        """The first granule of [first_granule, first_granule + ngranules) of one page whose
+        tag is not `tag`, relative to first_granule; None if all match."""
+        tag = _check_tag(tag)
+        first, n = _check_range(
+            first_granule, ngranules, 2 * self.slab.slot_bytes, "a page", "granule"
+        )
+        index = int(
+            lib.kt_store_find_mismatch(self._c, self.slab._c, _check_keys(key, 1), first, n, tag)
+        )
+        return None if index == n else index
+
+    @staticmethod
+    def _pages(size: int, page_bytes: int, what: str) -> int:
+        npages, rest = divmod(size, page_bytes)
+        if rest:
+            raise ValueError(
+                f"{what} ({size} bytes) is not a whole number of {page_bytes}-byte pages"
+            )
+        return npages
+
+
+def _check_keys(key: int, npages: int) -> int:
+    """Checks that keys [key, key + npages) are 32-bit (a key alone: npages 0 or 1)."""
+    key = _count(key, "key")
+    if key + max(npages, 1) > KEYS_PER_TABLE:
+        raise ValueError(
+            f"keys [{key}, {key + npages}) out of range: a page table's keys are 32-bit"
+        )
+    return key

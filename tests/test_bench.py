@@ -26,6 +26,7 @@ EXPECTED = {
     ("copy_tags", "socket"), ("copy_tags", "from_guest"), ("copy_tags", "to_guest"),
     ("roundtrip", "socketpair"), ("roundtrip", "trio_echo"), ("roundtrip", "check_extension"),
     ("roundtrip", "check_extension_shim"),
+    ("memory", "packed"), ("memory", "rss"), ("memory", "nbytes"),
     *(("scaling", f"{kind}_n{n}") for kind in ("check_extension", "copy_tags")
       for n in (1, 8, 64)),
     ("scaling", "daemon_lookup_10"), ("scaling", f"daemon_lookup_{MEMSLOTS}"),
@@ -42,7 +43,7 @@ LATENCIES = {
 WITH_GOALS = {
     ("tagkernel", "pack"), ("tagkernel", "unpack"), ("tagkernel", "c_pack"),
     ("tagkernel", "c_unpack"), ("copy_tags", "from_guest"), ("copy_tags", "to_guest"),
-    ("roundtrip", "check_extension"),
+    ("roundtrip", "check_extension"), ("memory", "rss"),
     ("scaling", f"daemon_lookup_{MEMSLOTS}"), ("migration", "total_copy_tags"),
     ("migration", "total_tag_log"),
 }  # fmt: skip

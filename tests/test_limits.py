@@ -139,13 +139,13 @@ def test_a_dirty_logging_slot_larger_than_memory_allocates_nothing() -> None:
 
 
 def test_tag_storage_per_daemon() -> None:
-    p = InProcess(Limits(max_tag_storage=64 * 1024))
+    p = InProcess(Limits(max_tag_storage=4096))
     vm = p.vm()
-    assert p.slot(vm, 0, 2048, 0x100) == 0  # 8 MiB: more than one 64 KiB chunk of tags
-    tags = p.mm.alloc(bytes(2048 * TPP))
+    assert p.slot(vm, 0, 2048, 0x100) == 0  # 8 MiB of guest RAM
+    tags = p.mm.alloc(bytes([5]) * (2048 * TPP))
     args = LAYOUT["kvm_arm_copy_mte_tags"].pack(0x100 * P, P, tags, 0, 0, 0)
-    assert p.call(vm, uapi.KVM_ARM_MTE_COPY_TAGS, args) == P  # the first chunk
-    assert p.host.tags.nbytes >= 64 * 1024
+    assert p.call(vm, uapi.KVM_ARM_MTE_COPY_TAGS, args) == P  # one page: a slot and a table
+    assert p.host.tags.nbytes >= 4096
     more = LAYOUT["kvm_arm_copy_mte_tags"].pack((0x100 + 1024) * P, P, tags, 0, 0, 0)
     assert p.call(vm, uapi.KVM_ARM_MTE_COPY_TAGS, more) == -errno.ENOSPC
     back = LAYOUT["kvm_arm_copy_mte_tags"].pack(0x100 * P, 2048 * P, tags, 1, 0, 0)
@@ -190,7 +190,7 @@ def test_the_struct_is_read_once() -> None:
 
 SMALL = (
     "--max-vms", "2", "--max-memslots", "2", "--max-guest-memory", "256K",
-    "--max-tag-storage", "64K", "--max-connections-per-process", "6", "--max-vcpus", "2",
+    "--max-tag-storage", "4K", "--max-connections-per-process", "6", "--max-vcpus", "2",
 )  # fmt: skip
 
 
@@ -260,8 +260,8 @@ def test_each_limit_through_the_daemon(small: tuple[str, Path]) -> None:
             client.ioctl(vm2, uapi.KVM_CREATE_VCPU, 1))) == 0, "a file is free again")
         # vCPUs per VM (--max-vcpus 2): the kernel's EINVAL
         assert errno_of(lambda: client.ioctl(vm2, uapi.KVM_CREATE_VCPU, 2)) == errno.EINVAL
-        # tag storage (64 KiB, one chunk): the first page's tags fit, then ENOSPC
-        vmm.tags[:] = bytes(len(vmm.tags))
+        # tag storage (4 KiB): the first page's tags fit (a slot and a table), then ENOSPC
+        vmm.tags[:] = bytes([5]) * len(vmm.tags)
         assert client.ioctl(vmm.vm, uapi.KVM_ARM_MTE_COPY_TAGS,
                             copy_tags(GPA, PAGE, vmm.taddr, 0)) == PAGE  # fmt: skip
         got = errno_of(lambda: client.ioctl(

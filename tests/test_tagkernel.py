@@ -423,3 +423,306 @@ def test_guarded_copy_survives_a_truncated_file() -> None:
         mapping.close()
     finally:
         os.close(fd)
+
+
+# --- the tag store: page tables over a slab ------------------------------------------------------
+#
+# The oracle is a dict of pages, written from tagkernel.h's definitions: which page gets which
+# slot (the next one, on its first tagging with a non-zero tag), what stops an inserting call
+# (the next page needs a table entry and count is max_count, or a slot and the slab is full),
+# and where an entry may sit (its home: the key's low GROUP_BITS bits kept, the rest hashed).
+
+FIBONACCI = 0x9E3779B97F4A7C15
+
+
+def home(key: int, capacity: int) -> int:
+    """A key's home entry, from the definition in tagkernel.h."""
+    groups = capacity >> tk.GROUP_BITS
+    hashed = ((key >> tk.GROUP_BITS) * FIBONACCI % 2**64) >> (64 - groups.bit_length() + 1)
+    return hashed << tk.GROUP_BITS | key & ((1 << tk.GROUP_BITS) - 1)
+
+
+class StoreOracle:
+    """One region's pages as a dict: key -> its tags, and key -> its slot if it has one."""
+
+    def __init__(self, slot_bytes: int, slots_per_arena: int, capacity: int) -> None:
+        self.tpp = 2 * slot_bytes
+        self.slots_per_arena = slots_per_arena
+        self.tags: dict[int, bytes] = {}  # every tagged page (zeros for one without a slot)
+        self.slots: dict[int, int] = {}
+        self.slot_limit = 0
+        self.max_count = capacity * 3 // 4
+
+    def value(self, key: int) -> int:
+        if key in self.slots:
+            return self.slots[key] + 1
+        return tk.ZERO if key in self.tags else tk.EMPTY
+
+    def read(self, key: int, npages: int) -> bytes:
+        return b"".join(self.tags.get(key + i, bytes(self.tpp)) for i in range(npages))
+
+    def _room(self, key: int, needs_slot: bool) -> bool:
+        if key not in self.tags and len(self.tags) >= self.max_count:
+            return False
+        return not (needs_slot and key not in self.slots and len(self.slots) >= self.slot_limit)
+
+    def _slot(self, key: int) -> None:
+        if key not in self.slots:
+            self.slots[key] = len(self.slots)
+
+    def write(self, key: int, src: bytes) -> int:
+        for i in range(len(src) // self.tpp):
+            tags = bytes(b & 0xF for b in src[i * self.tpp : (i + 1) * self.tpp])
+            nonzero = any(tags)
+            if not self._room(key + i, nonzero):
+                return i
+            if nonzero:
+                self._slot(key + i)
+            self.tags[key + i] = tags
+        return len(src) // self.tpp
+
+    def clear(self, key: int, npages: int) -> int:
+        for i in range(npages):
+            if not self._room(key + i, False):
+                return i
+            self.tags[key + i] = bytes(self.tpp)
+        return npages
+
+    def fill(self, key: int, first: int, n: int, tag: int) -> bool:
+        if not self._room(key, tag != 0 and n != 0):
+            return False
+        tags = bytearray(self.tags.get(key, bytes(self.tpp)))
+        tags[first : first + n] = bytes([tag]) * n
+        if any(tags):
+            self._slot(key)
+        self.tags[key] = bytes(tags)
+        return True
+
+    def find_mismatch(self, key: int, first: int, n: int, tag: int) -> int | None:
+        tags = self.read(key, 1)
+        return next((i for i in range(n) if tags[first + i] != tag), None)
+
+
+def check_table(table: tk.PageTable, model: StoreOracle) -> None:
+    """Every entry is the model's, and sits where a probe from its home finds it."""
+    entries = table.entries()
+    words = [int.from_bytes(entries[i : i + 8], "little") for i in range(0, len(entries), 8)]
+    found = {}
+    for at, word in enumerate(words):
+        if word >> 32 == tk.EMPTY:
+            assert word == 0
+            continue
+        key = word & 0xFFFFFFFF
+        found[key] = word >> 32
+        i = home(key, table.capacity)
+        while i != at:  # no free entry between its home and it
+            assert words[i] >> 32 != tk.EMPTY
+            i = (i + 1) % table.capacity
+    assert found == {key: model.value(key) for key in model.tags}
+    assert table.count == len(model.tags) and table.slab.nslots == len(model.slots)
+    for key, slot in model.slots.items():
+        assert table.slab.packed_slot(slot) == oracle.pack(model.tags[key])
+
+
+# Keys near 0 collide in few groups; keys near 2^32 reach the end of the key space.
+store_keys = st.one_of(st.integers(0, 300), st.integers(2**32 - 300, 2**32 - 1))
+
+
+@st.composite
+def store_ops(draw: st.DrawFn, tpp: int) -> list[tuple[object, ...]]:
+    ops: list[tuple[object, ...]] = []
+    for _ in range(draw(st.integers(1, 25))):
+        key = draw(store_keys)
+        npages = draw(st.integers(0, min(40, 2**32 - key)))
+        kind = draw(st.sampled_from(["write", "write", "clear", "fill", "read", "check"]))
+        if kind == "write":
+            # Some pages all zero (high nibbles set or not): they must not take a slot.
+            pages = [
+                draw(st.sampled_from([bytes(tpp), b"\xf0" * tpp, None])) for _ in range(npages)
+            ]
+            src = b"".join(p if p is not None else draw(st.binary(min_size=tpp, max_size=tpp))
+                           for p in pages)  # fmt: skip
+            ops.append(("write", key, src))
+        elif kind == "clear":
+            ops.append(("clear", key, npages))
+        elif kind in ("fill", "check"):
+            first = draw(st.integers(0, tpp))
+            ops.append((kind, key, first, draw(st.integers(0, tpp - first)), draw(tags)))
+        else:
+            ops.append(("read", key, npages))
+    return ops
+
+
+@given(
+    slot_bytes=st.sampled_from([2, 4, 8]),
+    slots_per_arena=st.sampled_from([1, 2, 8]),
+    data=st.data(),
+)
+@settings(deadline=None, max_examples=150)
+def test_page_table_matches_oracle(
+    slot_bytes: int, slots_per_arena: int, data: st.DataObject
+) -> None:
+    slab = tk.Slab(slot_bytes, slot_bytes * slots_per_arena)
+    table = tk.PageTable(slab, tk.PageTable.MIN_CAPACITY)
+    model = StoreOracle(slot_bytes, slots_per_arena, table.capacity)
+    tpp = 2 * slot_bytes
+
+    def make_room() -> tk.PageTable:
+        """What the tag store does when a call stops: grow the table or the slab."""
+        nonlocal table
+        grew = False
+        if table.full:
+            before = table.entries()
+            table, old = table.grown(), table
+            assert old.entries() == before  # the old table is left as it was, for its readers
+            model.max_count = table.capacity * 3 // 4
+            grew = True
+        if slab.full:
+            slab.add_arena()
+            model.slot_limit += slots_per_arena
+            grew = True
+        assert grew, "the kernel stopped with room left"
+        return table
+
+    for op in data.draw(store_ops(tpp)):
+        kind, key = op[0], op[1]
+        assert isinstance(key, int)
+        if kind == "write":
+            src = op[2]
+            assert isinstance(src, bytes)
+            done = 0
+            while done < len(src) // tpp:
+                got = table.write(key + done, src[done * tpp :])
+                assert got == model.write(key + done, src[done * tpp :])
+                done += got
+                if done < len(src) // tpp:
+                    make_room()
+        elif kind == "clear":
+            npages = op[2]
+            assert isinstance(npages, int)
+            done = 0
+            while done < npages:
+                got = table.clear(key + done, npages - done)
+                assert got == model.clear(key + done, npages - done)
+                done += got
+                if done < npages:
+                    make_room()
+        elif kind == "fill":
+            _, _, first, n, tag = op
+            assert isinstance(first, int) and isinstance(n, int) and isinstance(tag, int)
+            while not table.fill(key, first, n, tag):
+                assert not model.fill(key, first, n, tag)
+                make_room()
+            assert model.fill(key, first, n, tag)
+        elif kind == "check":
+            _, _, first, n, tag = op
+            assert isinstance(first, int) and isinstance(n, int) and isinstance(tag, int)
+            assert table.find_mismatch(key, first, n, tag) == model.find_mismatch(
+                key, first, n, tag
+            )
+        else:
+            npages = op[2]
+            assert isinstance(npages, int)
+            out = bytearray(b"\xee" * npages * tpp)
+            table.read(key, out)
+            assert out == model.read(key, npages)
+            packed = bytearray(b"\xee" * npages * slot_bytes)
+            table.read_packed(key, packed)
+            assert packed == oracle.pack(model.read(key, npages))
+        assert table.value(key) == model.value(key)
+        assert table.is_tagged(key) == (key in model.tags)
+    check_table(table, model)
+
+
+def test_page_table_fresh_pages_read_as_zero_and_cost_no_slot() -> None:
+    slab = tk.Slab(128, 4096)
+    table = tk.PageTable(slab, tk.PageTable.MIN_CAPACITY)
+    slab.add_arena()
+    out = bytearray(b"\xff" * 3 * 256)
+    table.read(7, out)
+    assert out == bytes(len(out)) and table.value(7) == tk.EMPTY
+    assert table.write(7, b"\xf0" * 256) == 1  # high nibbles only: all tags zero
+    assert table.clear(8, 1) == 1
+    assert table.fill(9, 0, 256, 0)
+    assert [table.value(k) for k in (7, 8, 9)] == [tk.ZERO] * 3 and slab.nslots == 0
+    assert table.fill(9, 255, 1, 3)  # the first non-zero tag takes a slot
+    assert table.value(9) == 1 and slab.nslots == 1
+    assert table.find_mismatch(9, 0, 256, 0) == 255
+    assert table.find_mismatch(7, 10, 5, 0) is None and table.find_mismatch(7, 10, 5, 1) == 0
+
+
+@pytest.mark.slow
+def test_page_table_large_runs() -> None:
+    """16,384 pages (4 MiB of tags) in one call each, through several table doublings and
+    arenas, written in order and then rewritten in a scattered order of first tagging."""
+    npages, tpp = 16384, 256
+    src = os.urandom(npages * tpp)
+    slab = tk.Slab(128, 1 << 20)
+    table = tk.PageTable(slab, tk.PageTable.MIN_CAPACITY)
+    done = 0
+    while done < npages:
+        done += table.write(1000 + done, src[done * tpp :])
+        if done < npages and table.full:
+            table = table.grown()
+        if done < npages and slab.full:
+            slab.add_arena()
+    assert table.count == npages and table.capacity == 32768 and slab.narenas == 2
+    out = bytearray(npages * tpp)
+    table.read(1000, out)
+    assert out == src.translate(LOW_NIBBLE)
+    packed = bytearray(npages * 128)
+    table.read_packed(1000, packed)
+    assert packed == tk.packed(src)
+    # Holes: every third page of a fresh region tagged, in reverse order.
+    holes = tk.PageTable(slab, 1 << 16)
+    for page in reversed(range(0, npages, 3)):
+        if not holes.write(page, src[page * tpp : (page + 1) * tpp]):
+            slab.add_arena()
+            assert holes.write(page, src[page * tpp : (page + 1) * tpp]) == 1
+    holes.read(0, out)
+    expected = bytearray(len(src))
+    for page in range(0, npages, 3):
+        expected[page * tpp : (page + 1) * tpp] = src[page * tpp : (page + 1) * tpp]
+    assert out == expected.translate(LOW_NIBBLE)
+    holes.read_packed(0, packed)
+    assert packed == tk.packed(expected)
+
+
+STORE_MISUSE = {
+    "slab: odd slot": lambda: tk.Slab(3, 4096),
+    "slab: slot 1": lambda: tk.Slab(1, 4096),
+    "slab: arena not a power of two": lambda: tk.Slab(128, 3000),
+    "slab: arena smaller than a slot": lambda: tk.Slab(128, 64),
+    "table: capacity not a power of two": lambda: tk.PageTable(tk.Slab(2, 8), 1000),
+    "table: capacity too small": lambda: tk.PageTable(tk.Slab(2, 8), 16),
+    "table: key past 32 bits": lambda: _table().value(2**32),
+    "table: negative key": lambda: _table().is_tagged(-1),
+    "table: run past 32 bits": lambda: _table().clear(2**32 - 2, 3),
+    "table: read past 32 bits": lambda: _table().read(2**32 - 1, bytearray(16)),
+    "table: read a partial page": lambda: _table().read(0, bytearray(9)),
+    "table: read into read-only": lambda: _table().read(0, bytes(8)),
+    "table: read_packed a partial page": lambda: _table().read_packed(0, bytearray(5)),
+    "table: write a partial page": lambda: _table().write(0, bytes(9)),
+    "table: fill past the page": lambda: _table().fill(0, 7, 2, 1),
+    "table: fill tag too large": lambda: _table().fill(0, 0, 1, 16),
+    "table: find_mismatch past the page": lambda: _table().find_mismatch(0, 9, 0, 1),
+    "table: negative clear": lambda: _table().clear(0, -1),
+}
+
+
+def _table() -> tk.PageTable:
+    """A table of 8-granule pages (slot_bytes 4) with room for pages and slots."""
+    slab = tk.Slab(4, 64)
+    slab.add_arena()
+    return tk.PageTable(slab, tk.PageTable.MIN_CAPACITY)
+
+
+@pytest.mark.parametrize("misuse", STORE_MISUSE.values(), ids=STORE_MISUSE.keys())
+def test_store_misuse_raises_value_error(misuse: Callable[[], object]) -> None:
+    with pytest.raises(ValueError):
+        misuse()
+
+
+def test_table_needs_a_slab() -> None:
+    with pytest.raises(TypeError):
+        tk.PageTable(object(), 1024)  # type: ignore[arg-type]

@@ -45,6 +45,7 @@ BENCHMARKS = {
     "tagkernel": "kvmtag.bench.tagkernel",
     "copy_tags": "kvmtag.bench.copytags",
     "roundtrip": "kvmtag.bench.roundtrip",
+    "memory": "kvmtag.bench.memory",
     "scaling": "kvmtag.bench.scaling",
     "migration": "kvmtag.bench.migration",
 }
