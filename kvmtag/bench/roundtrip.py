@@ -5,7 +5,10 @@ which times its calls itself). Baseline: a 64-byte ping-pong over a socketpair w
 Python process echoing on a blocking socket; for reference, a trio echo server (a child process
 too) pinged the same way. A repeat's figure is its median call; p99 is reported beside it.
 Ratio: the case's median / the baseline's median (goal <= 2.5 for the Python client's ioctl:
-the budget is the Python client's; the shim's is reported beside it without one)."""
+the budget is the Python client's; the shim's is reported beside it without one).
+
+Every process of the benchmark (this one, the echo children, kvmtagd's threads, the C program)
+runs on one CPU: see core.on_one_cpu."""
 
 from __future__ import annotations
 
@@ -21,7 +24,16 @@ from pathlib import Path
 import trio
 
 from kvmtag import client, uapi
-from kvmtag.bench.core import Case, Context, Figure, Settings, child, measure, summarise
+from kvmtag.bench.core import (
+    Case,
+    Context,
+    Figure,
+    Settings,
+    child,
+    measure,
+    on_one_cpu,
+    summarise,
+)
 
 MESSAGE = 64
 """Bytes of one ping of the round-trip baselines."""
@@ -33,7 +45,7 @@ BUILD_TIMEOUT = 300
 
 def title(settings: Settings) -> str:
     return (
-        f"roundtrip: {settings.iterations} calls per repeat, the median call; "
+        f"roundtrip: {settings.iterations} calls per repeat, the median call, all on one CPU; "
         "ratio = case / socketpair ping-pong of 64 bytes"
     )
 
@@ -45,6 +57,8 @@ def run(settings: Settings, context: Context) -> list[Figure]:
     kvm_socket, directory = context.kvm_socket(), context.directory
     shim_run = shim_program(directory / "preload", kvm_socket, n)
     with contextlib.ExitStack() as stack:
+        assert context.kvmtagd_pid is not None
+        stack.enter_context(on_one_cpu([context.kvmtagd_pid]))  # before the children fork
         pair, theirs = (stack.enter_context(s) for s in socket.socketpair())
         stack.enter_context(child(_echo, theirs))
         listener = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
