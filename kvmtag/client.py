@@ -243,7 +243,7 @@ def _exchange(file: _File, fd: int, event: wire.Event) -> wire.Event:
         if file.broken:
             raise _eio("the connection was broken earlier")
         # Family and type given: no getsockopt calls to discover them on every request.
-        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fileno=fd)
+        sock = _socket.SocketType(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fd)  # the C type: cheap
         try:
             if isinstance(event, wire.Ioctl) and event.inline is None:  # the common case
                 sock.sendall(file.codec.ioctl_frame(event.id, event.request, event.arg))
@@ -275,7 +275,7 @@ def _exchange(file: _File, fd: int, event: wire.Event) -> wire.Event:
             sock.detach()
 
 
-def _serve_callback(sock: _socket.socket, file: _File, ask: wire.Event) -> None:
+def _serve_callback(sock: _socket.SocketType, file: _File, ask: wire.Event) -> None:
     codec = file.codec
     if isinstance(ask, wire.Read):
         buf = bytearray(min(ask.size, wire.WINDOW))
@@ -305,7 +305,7 @@ def _map_window(fd: int, size: int) -> _mmap.mmap:
         raise _eio(f"the shared window: {e}") from None
 
 
-def _serve_window(sock: _socket.socket, file: _File, ask: wire.ReadWindow | wire.WriteWindow
+def _serve_window(sock: _socket.SocketType, file: _File, ask: wire.ReadWindow | wire.WriteWindow
                   ) -> None:  # fmt: skip
     if file.window is None or ask.size > len(file.window):
         raise wire.RemoteProtocolError(f"{type(ask).__name__} of {ask.size} bytes: no such window")
@@ -334,7 +334,7 @@ def _limit_fds(vmas: list[Vma], max_fds: int) -> list[Vma]:
     return out
 
 
-def _send(sock: _socket.socket, codec: wire.Codec, event: wire.Event) -> None:
+def _send(sock: _socket.SocketType, codec: wire.Codec, event: wire.Event) -> None:
     parts, fds = codec.frame(event)
     anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     sent = sock.sendmsg(parts, anc)  # one iovec: bulk data is never copied into a frame
@@ -347,7 +347,7 @@ def _send(sock: _socket.socket, codec: wire.Codec, event: wire.Event) -> None:
         sent = 0
 
 
-def _receive(sock: _socket.socket, codec: wire.Codec) -> wire.Event:
+def _receive(sock: _socket.SocketType, codec: wire.Codec) -> wire.Event:
     while True:
         event = codec.next_event()
         if event is not wire.NEED_DATA:

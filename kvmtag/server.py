@@ -55,6 +55,9 @@ _SMALL = {
     uapi.KVM_GET_API_VERSION, uapi.KVM_CREATE_VM, uapi.KVM_CHECK_EXTENSION,
     uapi.KVM_GET_VCPU_MMAP_SIZE, uapi.KVM_CREATE_VCPU, uapi.KVM_ENABLE_CAP,
 }  # fmt: skip
+_VALUE_ARG = frozenset(
+    request for request, spec in uapi.IOCTLS.items() if spec.arg in (uapi.Arg.INT, uapi.Arg.NONE)
+)  # requests whose argument is a value, never a pointer
 _RECV_SIZE = wire.MAX_MESSAGE  # a whole bulk frame in one receive when the socket has it
 _ANC_SIZE = socket.CMSG_SPACE(wire.MAX_FDS * 4)
 MAX_HELD_FDS = Limits.max_backing_fds  # backing-memory fds held per client process (default)
@@ -418,15 +421,14 @@ class Server:
     def _dispatch(
         self, conn: Connection, req: wire.Ioctl, target: KvmFile | Vm | Vcpu, process: Hashable
     ) -> wire.Reply:
-        arg = INLINE_ADDR if req.inline is not None else req.arg
-        spec = uapi.IOCTLS.get(req.request)
-        if spec is None:
-            small = True  # unknown to arm64 KVM: EINVAL, no memory touched
-        elif spec.arg in (uapi.Arg.INT, uapi.Arg.NONE):
+        request = req.request
+        if request in _VALUE_ARG:
             arg = req.arg  # a value, never a pointer: an inline struct means nothing here
-            small = req.request in _SMALL
+            small = request in _SMALL
         else:
-            small = req.request in _SMALL and req.inline is not None
+            arg = INLINE_ADDR if req.inline is not None else req.arg
+            # Unknown to arm64 KVM: EINVAL, no memory touched.
+            small = request not in uapi.IOCTLS or (request in _SMALL and req.inline is not None)
 
         def adopt(vmas: list[Vma]) -> list[Vma]:
             return self._adopt(process, vmas)

@@ -151,6 +151,7 @@ _LENGTH = compiled(cs.Struct("length" / cs.Int32ul))
 # packed and parsed in one step each (Codec.ioctl_frame, Codec.plain_reply).
 _IOCTL_FRAME = struct.Struct(_HEADER.format + _IOCTL.format[1:])
 _REPLY_FRAME = struct.Struct(_HEADER.format + _REPLY.format[1:])
+_IOCTL_TYPE, _REPLY_TYPE = int(MessageType.IOCTL), int(MessageType.REPLY)  # plain ints: faster
 _BULK = 65536  # frames larger than this are received in place and handed over without a copy
 
 # --- events ------------------------------------------------------------------------------------
@@ -412,7 +413,7 @@ class Codec:
         if self._filled or len(data) != _REPLY_FRAME.size:
             return None
         length, mtype, nfds, req_id, reserved, result, err, flags = _REPLY_FRAME.unpack_from(data)
-        if length != _REPLY_FRAME.size or mtype != MessageType.REPLY or nfds or reserved or flags:
+        if length != _REPLY_FRAME.size or mtype != _REPLY_TYPE or nfds or reserved or flags:
             return None
         if self.daemon:
             raise self._violation("REPLY may not be sent by this peer")
@@ -425,7 +426,7 @@ class Codec:
         if self._filled or len(data) != _IOCTL_FRAME.size:
             return None
         length, mtype, nfds, req_id, reserved, request, flags, arg = _IOCTL_FRAME.unpack_from(data)
-        if length != _IOCTL_FRAME.size or mtype != MessageType.IOCTL or nfds or reserved or flags:
+        if length != _IOCTL_FRAME.size or mtype != _IOCTL_TYPE or nfds or reserved or flags:
             return None
         if not self.daemon:
             raise self._violation("IOCTL may not be sent by this peer")
