@@ -38,6 +38,7 @@ from kvmtag import procmem, wire
 from kvmtag.usermem import Vma
 
 _ANC_SIZE = _socket.CMSG_SPACE(wire.MAX_FDS * 4)
+_MSG_CTRUNC = int(_socket.MSG_CTRUNC)  # a plain int: an IntFlag operation costs a call
 _RECV_SIZE = wire.MAX_MESSAGE  # a whole bulk frame in one receive when the socket has it
 SHARED_WINDOW = True
 """Ask kvmtagd for a shared window on new connections (docs/PROTOCOL.md): bulk copies then skip
@@ -355,14 +356,14 @@ def _receive(sock: _socket.SocketType, codec: wire.Codec) -> wire.Event:
         room = codec.receive_into()  # a bulk frame: straight into its own buffer
         target = room if room is not None else _rbuf()
         n, anc, flags, _ = sock.recvmsg_into([target], _ANC_SIZE, _socket.MSG_CMSG_CLOEXEC)
-        if room is None and not anc and not flags & _socket.MSG_CTRUNC:
+        if room is None and not anc and not flags & _MSG_CTRUNC:
             reply = codec.plain_reply(memoryview(target)[:n])  # the common case, in one step
             if reply is not None:
                 return reply
         fds = [fd for level, kind, raw in anc
                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
                for fd in array.array("i", raw[: len(raw) - len(raw) % 4])]  # fmt: skip
-        if flags & _socket.MSG_CTRUNC:
+        if flags & _MSG_CTRUNC:
             _close_fds(fds)
             raise wire.RemoteProtocolError("descriptors truncated")
         if not n:

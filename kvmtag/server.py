@@ -60,6 +60,7 @@ _VALUE_ARG = frozenset(
 )  # requests whose argument is a value, never a pointer
 _RECV_SIZE = wire.MAX_MESSAGE  # a whole bulk frame in one receive when the socket has it
 _ANC_SIZE = socket.CMSG_SPACE(wire.MAX_FDS * 4)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: an IntFlag operation costs a call
 MAX_HELD_FDS = Limits.max_backing_fds  # backing-memory fds held per client process (default)
 # The largest HELLO or IOCTL frame (an IOCTL's inline struct: KVM's are all far smaller). Only
 # an answer to a callback may be bulk-sized, so a connection waiting for its next request never
@@ -106,6 +107,34 @@ class ConnectionClosed(Exception):
     pass
 
 
+class Slots:
+    """At most `n` holders at once; more wait. threading.BoundedSemaphore does the same through
+    a Python-level Condition on every acquire and release; this takes only a C lock unless
+    someone has to wait."""
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._waiting = 0
+        self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
+
+    def __enter__(self) -> None:
+        with self._lock:
+            while not self._free:
+                self._waiting += 1
+                try:
+                    self._freed.wait()
+                finally:
+                    self._waiting -= 1
+            self._free -= 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._free += 1
+            if self._waiting:
+                self._freed.notify()
+
+
 class Connection:
     """Frame I/O on one socket, blocking, used by the connection's thread only: events in,
     events out, descriptors both ways."""
@@ -129,12 +158,12 @@ class Connection:
             n, ancdata, flags, _ = self.sock.recvmsg_into(
                 [target], _ANC_SIZE, socket.MSG_CMSG_CLOEXEC
             )
-            if room is None and not ancdata and not flags & socket.MSG_CTRUNC:
+            if room is None and not ancdata and not flags & _MSG_CTRUNC:
                 request = self.codec.plain_ioctl(memoryview(target)[:n])  # the common case
                 if request is not None:
                     return request
             fds = _fds_of(ancdata) if ancdata else []
-            if flags & socket.MSG_CTRUNC:
+            if flags & _MSG_CTRUNC:
                 _close(fds)
                 raise wire.RemoteProtocolError("too many descriptors in one message")
             if not n:
@@ -191,12 +220,12 @@ class Server:
         # Threads: one per connection (bounded by max_connections), and of those at most
         # `threads` doing bulk work at once.
         self._connection_threads = trio.CapacityLimiter(self.limits.max_connections)
-        self._work_slots = threading.BoundedSemaphore(threads or self.limits.threads)
+        self._work_slots = Slots(threads or self.limits.threads)
         self._lock = threading.Lock()  # what connection threads share: below, marked (T)
         self._connections: dict[Hashable, int] = {}  # open connections per client process
         self._total = 0  # open connections of all processes
         self._held: dict[Hashable, dict[tuple[int, int], int]] = {}  # (T) (dev, ino) -> fd
-        self._process_limiters: dict[Hashable, threading.BoundedSemaphore] = {}  # (T)
+        self._process_limiters: dict[Hashable, Slots] = {}  # (T)
         self._vm_connections: dict[Vm, int] = {}  # connections that keep each VM alive
         self._nursery: trio.Nursery | None = None
         self._accepting: trio.CancelScope | None = None
@@ -449,11 +478,11 @@ class Server:
             return wire.Reply(req.id, -1, -result, back)
         return wire.Reply(req.id, result, 0, back)
 
-    def _process_slots(self, process: Hashable) -> threading.BoundedSemaphore:
+    def _process_slots(self, process: Hashable) -> Slots:
         with self._lock:
             slots = self._process_limiters.get(process)
             if slots is None:
-                slots = self._process_limiters[process] = threading.BoundedSemaphore(
+                slots = self._process_limiters[process] = Slots(
                     self.limits.max_requests_per_process
                 )
             return slots

@@ -152,6 +152,7 @@ _LENGTH = compiled(cs.Struct("length" / cs.Int32ul))
 _IOCTL_FRAME = struct.Struct(_HEADER.format + _IOCTL.format[1:])
 _REPLY_FRAME = struct.Struct(_HEADER.format + _REPLY.format[1:])
 _IOCTL_TYPE, _REPLY_TYPE = int(MessageType.IOCTL), int(MessageType.REPLY)  # plain ints: faster
+_TYPES = {int(t): t for t in MessageType}  # a lookup, not an enum call, for every frame
 _BULK = 65536  # frames larger than this are received in place and handed over without a copy
 
 # --- events ------------------------------------------------------------------------------------
@@ -357,10 +358,9 @@ class Codec:
             raise self._violation(f"frame length {length} outside [16, {self.max_message}]")
         if reserved:
             raise self._violation("reserved header field is not 0")
-        try:
-            kind = MessageType(mtype)
-        except ValueError:
-            raise self._violation(f"unknown message type {mtype}") from None
+        kind = _TYPES.get(mtype)
+        if kind is None:
+            raise self._violation(f"unknown message type {mtype}")
         if kind not in self._incoming:
             raise self._violation(f"{kind.name} may not be sent by this peer")
         if nfds and (kind not in MAY_CARRY_FDS or nfds > MAX_FDS):
