@@ -25,7 +25,6 @@ from clients.kvmtag_vmm import _bits, stream
 from clients.kvmtag_vmm.stream import Header, Pages, StreamError
 from clients.kvmtag_vmm.transport import ByteSource
 from clients.kvmtag_vmm.vm import TAG_BATCH_BYTES, Machine, VmmError
-from kvmtag import tagkernel
 
 log = logging.getLogger("kvmtag.vmm")
 
@@ -265,8 +264,8 @@ class MachineTarget:
             image = self.image[k]
             assert image is not None
             ppp = self.m.packed_per_page
-            unpacked = tagkernel.unpacked(memoryview(image)[first * ppp : end * ppp])
-            self.m.write_tags(self.m.slots[k].layout.gpa + first * self.m.page_size, unpacked)
+            packed = memoryview(image)[first * ppp : end * ppp]
+            self.m.write_tags(self.m.slots[k].layout.gpa + first * self.m.page_size, packed)
 
     def stage_registers(self, regs: stream.Registers) -> None:
         self.regs[regs.vcpu] = regs.regs

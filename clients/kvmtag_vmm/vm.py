@@ -38,6 +38,15 @@ log = logging.getLogger("kvmtag.vmm")
 GPA_BASE = 0x8000_0000  # where guest RAM starts: 2 GiB (the image and MMIO are below)
 MiB = 1 << 20
 TAG_BATCH_BYTES = 4 << 20  # one-per-byte tags per KVM_ARM_MTE_COPY_TAGS (16,384 4 KiB pages)
+_local = threading.local()
+
+
+def _scratch() -> memoryview:
+    """This thread's buffer for one batch of one-per-byte tags."""
+    buf: memoryview | None = getattr(_local, "tags", None)
+    if buf is None:
+        buf = _local.tags = memoryview(bytearray(TAG_BATCH_BYTES))
+    return buf
 FROM_GUEST, TO_GUEST = uapi.KVM_ARM_TAGS_FROM_GUEST, uapi.KVM_ARM_TAGS_TO_GUEST
 LOG = uapi.KVM_MEM_LOG_DIRTY_PAGES
 IMMEDIATE_EXIT = 1  # offsetof(struct kvm_run, immediate_exit)
@@ -293,31 +302,35 @@ class Machine:
         """Packed tags of pages [first, first+npages) of slot `index`, with FROM_GUEST copies of
         up to TAG_BATCH_BYTES of tags each (they arrive one per byte and are packed in C)."""
         slot = self.slots[index]
-        ps, tpp = self.page_size, self.page_size // 16
-        out = bytearray(npages * self.packed_per_page)
+        ps, tpp, ppp = self.page_size, self.page_size // 16, self.packed_per_page
+        out = bytearray(npages * ppp)
+        scratch = _scratch()  # reused: a fresh 4 MiB buffer per batch costs its page faults
         batch = TAG_BATCH_BYTES // tpp
         for at in range(0, npages, batch):
             n = min(batch, npages - at)
-            buf = bytearray(n * tpp)
+            buf = scratch[: n * tpp]
             gpa = slot.layout.gpa + (first + at) * ps
             got = self.vm.mte_copy_tags(gpa, n * ps, buf, FROM_GUEST)
             self._count("KVM_ARM_MTE_COPY_TAGS")
             if got != n * ps:
                 raise VmmError(f"KVM_ARM_MTE_COPY_TAGS at {gpa:#x} copied {got} of {n * ps} bytes")
-            ppp = self.packed_per_page
             tagkernel.pack(memoryview(out)[at * ppp : (at + n) * ppp], buf)
         return out
 
-    def write_tags(self, gpa: int, unpacked: bytes | bytearray | memoryview) -> None:
-        """TO_GUEST of one-per-byte tags from gpa (no memslot may be logging: EBUSY since 6.12).
-        """
-        tpp = self.page_size // 16
-        view = memoryview(unpacked)
-        for at in range(0, len(view), TAG_BATCH_BYTES):
-            part = view[at : at + TAG_BATCH_BYTES]
-            length = len(part) // tpp * self.page_size
-            where = gpa + at // tpp * self.page_size
-            got = self.vm.mte_copy_tags(where, length, part, TO_GUEST)
+    def write_tags(self, gpa: int, packed: bytes | bytearray | memoryview) -> None:
+        """TO_GUEST of packed tags (PAGE_SIZE/32 bytes a page) from gpa, unpacked in C a batch at
+        a time (no memslot may be logging: EBUSY since 6.12)."""
+        tpp, ppp = self.page_size // 16, self.packed_per_page
+        view = memoryview(packed)
+        scratch = _scratch()
+        step = TAG_BATCH_BYTES // tpp * ppp
+        for at in range(0, len(view), step):
+            part = view[at : at + step]
+            unpacked = scratch[: len(part) * 2]
+            tagkernel.unpack(unpacked, part)
+            length = len(part) // ppp * self.page_size
+            where = gpa + at // ppp * self.page_size
+            got = self.vm.mte_copy_tags(where, length, unpacked, TO_GUEST)
             self._count("KVM_ARM_MTE_COPY_TAGS")
             if got != length:
                 raise VmmError(f"KVM_ARM_MTE_COPY_TAGS TO_GUEST at {where:#x} copied {got} of "
@@ -446,7 +459,7 @@ class Machine:
         per_slot = guest.populate // len(self.slots) // block * block
         rng = random.Random(guest.seed)
         chunk = rng.randbytes(MiB)
-        tags_chunk = rng.randbytes(TAG_BATCH_BYTES)
+        tags_chunk = rng.randbytes(TAG_BATCH_BYTES // 32)  # packed: 2 tags a byte
         for k, first_free in free_after:
             slot = self.slots[k]
             start = -(-first_free // block) * block
@@ -462,10 +475,10 @@ class Machine:
                     tagged |= 1 << b
             for first, count in _bits.runs(tagged):
                 gpa = slot.layout.gpa + start + first * block
-                nbytes = count * block // 16
+                nbytes = count * block // 32  # packed
                 for at in range(0, nbytes, len(tags_chunk)):
                     part = tags_chunk[: min(len(tags_chunk), nbytes - at)]
-                    self.write_tags(gpa + at * 16, part)
+                    self.write_tags(gpa + at * 32, part)
         log.info("populated %d MiB outside the heaps (%d%% tagged)",
                  per_slot * len(self.slots) // MiB,
                  guest.populate_tagged if self.mte else 0)  # fmt: skip
