@@ -48,7 +48,7 @@ class Settings:
     # migration: the guest (MiB of RAM, of it populated), migrations per configuration
     migration_ram: int = 1024
     migration_populate: int = 768
-    migration_repeats: int = 5
+    migration_repeats: int = 9
 
 
 FULL = Settings(quick=False, tag_bytes=64 << 20, guest_bytes=1 << 30, iterations=5000, repeats=7)
