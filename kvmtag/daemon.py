@@ -33,6 +33,7 @@ import socket
 import stat
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ log = logging.getLogger("kvmtag.daemon")
 
 ACTIVATION_FD_NAME = "kvmtag"  # FileDescriptorName= in systemd/kvmtag.socket
 STOP_TIMEOUT = 2.0  # seconds requests in flight get to finish after SIGTERM
+THREAD_STACK = 1 << 20  # bytes of stack reserved per thread (one thread per connection)
 
 
 def default_socket_path() -> Path:
@@ -406,6 +408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.stop_timeout,
     )  # fmt: skip
     raise_fd_limit(options.limits)
+    # Every connection has a thread (kvmtag.server): reserve each a bounded stack, not the
+    # default 8 MiB of address space; the model never recurses deeply.
+    threading.stack_size(THREAD_STACK)
     activated = sdnotify.listen_fds()  # read, and removed from the environment, in any case
     if args.fd is not None or (activated and args.socket_path is None):
         try:
