@@ -176,7 +176,8 @@ def close(fd: int) -> None:
         if file is not None and file.run_fd is not None:
             os.close(file.run_fd)
         if file is not None and file.window is not None:
-            file.window.close()
+            with contextlib.suppress(BufferError):  # another thread's copy holds a view
+                file.window.close()
 
 
 def mmap(fd: int, size: int) -> _mmap.mmap:
@@ -424,6 +425,9 @@ def _after_fork_in_child() -> None:
     _files_lock = threading.Lock()
     for key, file in list(_files.items()):
         file.lock = threading.Lock()
+        # The parent's window stays mapped here, unused (this child's VM fds answer EIO); a
+        # parent thread's copy at the fork left a view the child can never release.
+        file.window = None
         if file.kind is not wire.FdKind.SYSTEM or file.path is None:
             continue
         del _files[key]

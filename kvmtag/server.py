@@ -222,8 +222,8 @@ class Server:
         self._connection_threads = trio.CapacityLimiter(self.limits.max_connections)
         self._work_slots = Slots(threads or self.limits.threads)
         self._lock = threading.Lock()  # what connection threads share: below, marked (T)
-        self._connections: dict[Hashable, int] = {}  # open connections per client process
-        self._total = 0  # open connections of all processes
+        self._connections: dict[Hashable, int] = {}  # (T) open connections per client process
+        self._total = 0  # (T) open connections of all processes
         self._held: dict[Hashable, dict[tuple[int, int], int]] = {}  # (T) (dev, ino) -> fd
         self._process_limiters: dict[Hashable, Slots] = {}  # (T)
         self._vm_connections: dict[Vm, int] = {}  # connections that keep each VM alive
@@ -284,24 +284,32 @@ class Server:
             self.refused += 1
             sock.close()
             return
-        if self._total >= self.limits.max_connections:
+        with self._lock:
+            total, held = self._total, self._connections.get(peer.process, 0)
+            full = total >= self.limits.max_connections
+            if not full:
+                self._hold_locked(peer.process)
+        if full:
             log.warning("refused connection from pid %d: the daemon serves %d connections "
-                        "(--max-connections)", peer.pid, self._total)  # fmt: skip
+                        "(--max-connections)", peer.pid, total)  # fmt: skip
             self.refused += 1
             sock.close()
             return
         refusal = 0
-        if self._connections.get(peer.process, 0) >= self.limits.max_connections_per_process:
+        if held >= self.limits.max_connections_per_process:
             log.warning("refused connection from pid %d: it holds %d connections "
-                        "(--max-connections-per-process): EMFILE", peer.pid,
-                        self._connections[peer.process])  # fmt: skip
+                        "(--max-connections-per-process): EMFILE", peer.pid, held)  # fmt: skip
             self.refused += 1
             refusal = errno.EMFILE
-        self._hold(peer.process)
         nursery.start_soon(self.serve_connection, sock, self.host.open(), peer.process, refusal)
 
     def _fd_available(self, process: Hashable) -> int:
-        """May process open one more file (a VM or vCPU connection)? 0, or the errno."""
+        """May process open one more file (a VM or vCPU connection)? 0, or the errno. (The
+        quota asks first, in the kernel's order of checks; _new_connection then reserves.)"""
+        with self._lock:
+            return self._fd_available_locked(process)
+
+    def _fd_available_locked(self, process: Hashable) -> int:
         if self._connections.get(process, 0) >= self.limits.max_connections_per_process:
             return errno.EMFILE
         if self._total >= self.limits.max_connections:
@@ -316,7 +324,8 @@ class Server:
         refusal: int = 0,
     ) -> None:
         """Serve one connection on its own thread; the caller has counted it with
-        `_hold(process)`. With `refusal`, answer the handshake with that errno and close."""
+        `_hold_locked(process)`. With `refusal`, answer the handshake with that errno and
+        close."""
         vm = target if isinstance(target, Vm) else target.vm if isinstance(target, Vcpu) else None
         if vm is not None:
             self._vm_connections[vm] = self._vm_connections.get(vm, 0) + 1
@@ -331,6 +340,10 @@ class Server:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             raise
+        except Exception:  # no thread (the system refused one): lose this connection only
+            log.exception("%s connection of %s could not be served", _kind_of(target).name,
+                          process)  # fmt: skip
+            sock.close()  # (a no-op if the thread got to close it)
         finally:
             if vm is not None:
                 self._vm_connections[vm] -= 1
@@ -338,17 +351,22 @@ class Server:
                     del self._vm_connections[vm]
                     self.quota.vm_released(vm)
                     self._released = True
-            self._connections[process] -= 1
-            self._total -= 1
-            if not self._connections[process]:
+            with self._lock:
+                self._connections[process] -= 1
+                self._total -= 1
+                gone = not self._connections[process]
+                if gone:
+                    del self._connections[process]
+            if gone:
                 self._release(process)
 
     def _serve_thread(
         self, sock: socket.socket, target: KvmFile | Vm | Vcpu, process: Hashable, refusal: int
     ) -> None:
         kind = _kind_of(target)
-        conn = Connection(sock)
+        conn: Connection | None = None
         try:
+            conn = Connection(sock)
             if refusal:
                 sock.settimeout(REFUSED_HELLO_TIMEOUT)
                 self._handshake(conn, kind, refusal)
@@ -359,6 +377,7 @@ class Server:
         except wire.RemoteProtocolError as e:
             log.warning("%s connection of %s broke the protocol: %s", kind.name, process, e)
             with contextlib.suppress(OSError, wire.ProtocolError):
+                assert conn is not None
                 conn.send(wire.Error(0, errno.EPROTO, str(e)))
                 _drain(sock)
         except OSError as e:
@@ -366,13 +385,17 @@ class Server:
         except Exception:  # kvmtag's own bug: lose this connection, never the daemon
             log.exception("%s connection of %s failed; closing it", kind.name, process)
         finally:
-            with self._lock:
-                self._idle.discard(conn)
             sock.close()
-            conn.codec.close_stray_fds()
-            if conn.window is not None:
-                with contextlib.suppress(BufferError):  # a view still held: the GC unmaps it
-                    conn.window.close()
+            if conn is not None:
+                conn.codec.close_stray_fds()
+                if conn.window is not None:
+                    with contextlib.suppress(BufferError):  # a view still held: the GC unmaps
+                        conn.window.close()
+                with self._lock:
+                    self._idle.discard(conn)
+                    quiet = self._quiet_locked()
+                if quiet:
+                    self._set_quiet()
 
     def _serve(
         self, conn: Connection, kind: wire.FdKind, target: KvmFile | Vm | Vcpu, process: Hashable
@@ -405,9 +428,9 @@ class Server:
                 with self._lock:
                     self._busy -= 1
                     self.served += 1
-                    quiet = self.draining and not self._busy
+                    quiet = self._quiet_locked()
                 if quiet:
-                    trio.from_thread.run_sync(self._quiet.set)
+                    self._set_quiet()
 
     def _handshake(self, conn: Connection, kind: wire.FdKind, refusal: int = 0) -> None:
         conn.codec.max_message = IDLE_MAX_MESSAGE
@@ -422,8 +445,11 @@ class Server:
         )  # fmt: skip
         # Bulk copies (COPY_TAGS, the tag log) are VM ioctls: only a VM connection gets a window.
         if not reply.errno and kind is wire.FdKind.VM and hello.flags & wire.HELLO_SHARED_WINDOW:
-            fd, conn.window = _shared_window(reply.window)
-            reply.fds = [fd]
+            try:
+                fd, conn.window = _shared_window(reply.window)
+                reply.fds = [fd]
+            except OSError as e:  # the window is optional: bulk callbacks then use the socket
+                log.warning("no shared window for a VM connection: %s", e)
         try:
             conn.send(reply)
         finally:
@@ -440,12 +466,22 @@ class Server:
         with self._lock:
             self.draining = True
             idle = list(self._idle)
-            busy = self._busy
+            quiet = self._quiet_locked()
         for conn in idle:
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RD)  # its blocked receive sees end of file
-        if busy:
+        # An "idle" connection may have just received a request it has not counted yet: wait
+        # until every one of them has either closed or answered.
+        if not quiet:
             await self._quiet.wait()
+
+    def _quiet_locked(self) -> bool:
+        """Draining, and no connection waits for a request or serves one."""
+        return self.draining and not self._idle and not self._busy
+
+    def _set_quiet(self) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            trio.from_thread.run_sync(self._quiet.set)
 
     def _dispatch(
         self, conn: Connection, req: wire.Ioctl, target: KvmFile | Vm | Vcpu, process: Hashable
@@ -473,7 +509,14 @@ class Server:
                 result = self.quota.ioctl(target, mm, req.request, arg)
         back = bytes(mm.inline) if mm.written_back and mm.inline is not None else None
         if isinstance(result, Vm | Vcpu):
-            return wire.Reply(req.id, 0, 0, back, self._new_connection(result, process))
+            made = self._new_connection(result, process)
+            if isinstance(made, int):  # no file for it: as the kernel, undo and fail
+                if isinstance(result, Vm):
+                    self.quota.vm_released(result)
+                else:
+                    result.vm.drop_vcpu(result.id)
+                return wire.Reply(req.id, -1, made, back)
+            return wire.Reply(req.id, 0, 0, back, made)
         if result < 0:
             return wire.Reply(req.id, -1, -result, back)
         return wire.Reply(req.id, result, 0, back)
@@ -487,19 +530,41 @@ class Server:
                 )
             return slots
 
-    def _new_connection(self, target: Vm | Vcpu, process: Hashable) -> list[int]:
+    def _new_connection(self, target: Vm | Vcpu, process: Hashable) -> list[int] | int:
         """A socketpair for a new VM or vCPU: serve one end, hand the other to the client
-        (and, for a vCPU, the shared memory object behind its kvm_run area)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fds = [theirs.detach()]
-        if isinstance(target, Vcpu):
-            fds.append(os.dup(target.run_fd))  # the kvm_run area, which the model updates
-        trio.from_thread.run_sync(self._start_connection, ours, target, process)
-        return fds
+        (and, for a vCPU, the shared memory object behind its kvm_run area). Or the errno
+        when no file can be made: a limit (counted here, atomically with the reservation;
+        the quota's earlier check only orders the errnos as the kernel does) or the daemon's
+        own descriptors running out."""
+        with self._lock:
+            err = self._fd_available_locked(process)
+            if not err:
+                self._hold_locked(process)
+        if err:
+            return err
+        ours: socket.socket | None = None
+        fds: list[int] = []
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            fds.append(theirs.detach())
+            if isinstance(target, Vcpu):
+                fds.append(os.dup(target.run_fd))  # the kvm_run area, which the model updates
+            trio.from_thread.run_sync(self._start_connection, ours, target, process)
+            return fds
+        except BaseException as e:
+            if ours is not None:
+                ours.close()
+            _close(fds)
+            with self._lock:
+                self._connections[process] -= 1  # (never to 0: this request's connection)
+                self._total -= 1
+            if isinstance(e, OSError) and e.errno:
+                log.warning("no file for a new %s of %s: %s", type(target).__name__, process, e)
+                return e.errno
+            raise
 
     def _start_connection(self, ours: socket.socket, target: Vm | Vcpu, process: Hashable) -> None:
-        self._hold(process)  # (the quota checked that the process may open it)
-        assert self._nursery is not None
+        assert self._nursery is not None  # (counted by _new_connection)
         self._nursery.start_soon(self.serve_connection, ours, target, process)
 
     def _adopt(self, process: Hashable, vmas: list[Vma]) -> list[Vma]:
@@ -530,12 +595,11 @@ class Server:
             out.append(dataclasses.replace(vma, fd=fd))
         return out
 
-    def _hold(self, process: Hashable) -> None:
+    def _hold_locked(self, process: Hashable) -> None:
         self._connections[process] = self._connections.get(process, 0) + 1
         self._total += 1
 
     def _release(self, process: Hashable) -> None:
-        del self._connections[process]
         with self._lock:
             self._process_limiters.pop(process, None)
             held = list(self._held.pop(process, {}).values())

@@ -85,6 +85,11 @@ class Vm:
         vcpu = self.vcpus[vcpu_id] = Vcpu(self, vcpu_id)
         return vcpu
 
+    def drop_vcpu(self, vcpu_id: int) -> None:
+        """KVM_CREATE_VCPU's error path once the vCPU exists but no fd can be made for it
+        (kvm_vm_ioctl_create_vcpu: the vCPU is unlinked and destroyed, its id free again)."""
+        self.vcpus.pop(vcpu_id, None)
+
     # --- KVM_ENABLE_CAP ----------------------------------------------------------------------
 
     def _ioctl_enable_cap(self, mm: UserMemory, arg: int) -> int:

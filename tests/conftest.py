@@ -27,13 +27,18 @@ import pytest  # noqa: E402
 
 
 @contextlib.contextmanager
-def running_kvmtagd(directory: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def running_kvmtagd(
+    directory: Path, *args: str, code: str | None = None
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """Start `python -m kvmtag` on a socket in `directory`; yield (socket path, process) once
-    the socket exists (kvmtagd renames it into place only when listening); stop it after."""
+    the socket exists (kvmtagd renames it into place only when listening); stop it after.
+    With `code`, run `python -c code` instead: a wrapper that prepares the process (a fault
+    to inject, a limit) and then calls kvmtag.daemon.main(sys.argv[1:])."""
     path = directory / "kvm.sock"
     log = (directory / "kvmtagd.log").open("w")
+    launcher = [sys.executable, "-m", "kvmtag"] if code is None else [sys.executable, "-c", code]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvmtag", "--socket-path", str(path), "-v", *args],
+        [*launcher, "--socket-path", str(path), "-v", *args],
         stdout=log, stderr=subprocess.STDOUT, text=True,
     )
     try:

@@ -1268,3 +1268,27 @@ def test_the_client_honours_the_daemons_descriptor_limit(tmp_path: Path, vmm: Vm
     described = [v for v in answer.vmas if v.start in (first, second)]
     assert len(described) == 2 and len(answer.fds) == 1, answer
     assert sum(v.fd is not None for v in described) == 1
+
+
+def test_closing_a_vm_fd_while_its_window_is_in_use(vmm: Vmm) -> None:
+    """Another thread's bulk copy holds a view of the window while close() runs, and a fork in
+    the middle of one leaves the child a view it can never release: close() works in both."""
+    vm = vmm.vm()
+    window = client._lookup(vm).window
+    assert window is not None
+    view = memoryview(window)  # what _serve_window holds during a copy
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: its VM fds answer EIO; closing them must not raise
+            code = 0
+            try:
+                client.close(vm)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        vmm.close(vm)  # in this process, with the view still held
+    finally:
+        view.release()

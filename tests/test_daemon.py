@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -860,3 +861,189 @@ def test_tags_live_while_a_process_that_registered_the_memory_is_connected(
                 proc.kill()
                 proc.communicate()
         os.close(memfd)
+
+
+# --- threads, descriptors and stopping under pressure -----------------------------------------
+
+THREADS_REFUSED = """
+import os, sys, threading
+import trio._core._thread_cache as cache
+from kvmtag import daemon
+LIMIT = int(os.environ["KVMTAG_TEST_THREADS"])
+class Refused(threading.Thread):  # as pthread_create's EAGAIN under pids.max or threads-max
+    def start(self):
+        if threading.active_count() >= LIMIT:
+            raise RuntimeError("can't start new thread")
+        super().start()
+cache.Thread = Refused
+sys.exit(daemon.main(sys.argv[1:]))
+"""
+
+
+def test_a_thread_the_system_refuses_loses_only_that_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each connection is served by a thread. When the system will not start one more (a
+    cgroup's pids.max, threads-max), that connection closes and every other carries on."""
+    monkeypatch.setenv("KVMTAG_TEST_THREADS", "8")
+    with running_kvmtagd(tmp_path, code=THREADS_REFUSED) as (path, proc):
+        first = client.open(socket=path)
+        opened, refused = [first], 0
+        try:
+            for _ in range(12):
+                try:
+                    opened.append(client.open(socket=path))
+                except OSError as e:
+                    assert e.errno == errno.EIO, e  # the connection closed before its HELLO
+                    refused += 1
+            assert refused, "no thread was ever refused: the injection did not work"
+            assert proc.poll() is None, "kvmtagd died"
+            assert client.ioctl(first, uapi.KVM_GET_API_VERSION) == 12
+            for fd in opened[1:]:
+                client.close(fd)
+            # Threads come back: new connections are served again.
+            wait_until(lambda: _opens(path), "a new connection is served again")
+        finally:
+            client.close(first)
+    assert "could not be served" in (tmp_path / "kvmtagd.log").read_text()
+
+
+def _opens(path: str) -> bool:
+    try:
+        client.close(client.open(socket=path))
+    except OSError:
+        return False
+    return True
+
+
+SLOW_TO_COUNT = """
+import sys, time
+from kvmtag import daemon, server, uapi, wire
+received = server.Connection.next_event
+def next_event(self):
+    event = received(self)
+    if isinstance(event, wire.Ioctl) and event.arg == 0x7777:
+        time.sleep(0.5)  # received, not yet counted as in flight
+    return event
+server.Connection.next_event = next_event
+sys.exit(daemon.main(sys.argv[1:]))
+"""
+
+
+def test_a_request_that_arrived_as_kvmtagd_stops_is_answered(tmp_path: Path) -> None:
+    """SIGTERM lets every request already received finish, even one its connection had not
+    yet counted (the daemon's stop waits for every connection it found idle to close or
+    answer)."""
+    with running_kvmtagd(tmp_path, code=SLOW_TO_COUNT) as (path, proc):
+        kvm = client.open(socket=path)
+        result: list[int | OSError] = []
+
+        def ask() -> None:
+            try:
+                result.append(client.ioctl(kvm, uapi.KVM_CHECK_EXTENSION, 0x7777))
+            except OSError as e:
+                result.append(e)
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        time.sleep(0.2)  # the request is in the daemon, inside the injected pause
+        proc.send_signal(signal.SIGTERM)
+        asking.join(TIMEOUT)
+        assert result == [0]  # an unknown capability: 0, as the kernel answers
+        assert proc.wait(TIMEOUT) == 0
+
+
+NOFILE = """
+import resource, sys
+from kvmtag import daemon
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+sys.exit(daemon.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("what", ["VM", "vCPU"])
+def test_kvmtagd_out_of_descriptors_answers_an_errno_and_undoes(tmp_path: Path, what: str) -> None:
+    """KVM_CREATE_VM or KVM_CREATE_VCPU when kvmtagd cannot make the new file: the kernel's
+    error path (an errno; the VM or vCPU is gone, its id free), not a broken connection, and
+    nothing leaks."""
+    code = NOFILE.replace("sys.argv.pop(1)", "'40'")
+    with running_kvmtagd(tmp_path, code=code) as (path, proc):
+        kvm = client.open(socket=path)
+        made: list[int] = []
+        try:
+            parent = kvm if what == "VM" else client.ioctl(kvm, uapi.KVM_CREATE_VM, 0)
+            request = uapi.KVM_CREATE_VM if what == "VM" else uapi.KVM_CREATE_VCPU
+            failed = None
+            for n in range(64):
+                try:
+                    made.append(client.ioctl(parent, request, 0 if what == "VM" else n))
+                except OSError as e:
+                    failed = (n, e.errno)
+                    break
+            assert failed is not None and failed[1] == errno.EMFILE, failed
+            assert client.ioctl(kvm, uapi.KVM_GET_API_VERSION) == 12  # nothing broken
+            for fd in made:
+                client.close(fd)
+            made = []
+            if what == "vCPU":  # (vCPUs live on with their VM: only their sockets are freed)
+                wait_until(lambda: _creates_vcpu(parent, failed[0]), "the id is free again")
+            vms = "0" if what == "VM" else "1"
+            counted = f"kvmtagd counts {vms} VMs"
+            wait_until(lambda: _stats(tmp_path, proc).get("vms") == vms, counted)
+        finally:
+            for fd in made:
+                client.close(fd)
+            client.close(kvm)
+
+
+def _creates_vcpu(vm: int, vcpu_id: int) -> bool:
+    try:
+        client.close(client.ioctl(vm, uapi.KVM_CREATE_VCPU, vcpu_id))
+    except OSError as e:
+        assert e.errno == errno.EMFILE, e  # never EEXIST: the failed vCPU was dropped
+        return False
+    return True
+
+
+def _stats(directory: Path, proc: subprocess.Popen[str]) -> dict[str, str]:
+    """kvmtagd's counts now: asked with SIGUSR1, read from its log."""
+
+    def lines() -> list[str]:
+        log = (directory / "kvmtagd.log").read_text()
+        return [line for line in log.splitlines() if "stats:" in line]
+
+    before = len(lines())
+    proc.send_signal(signal.SIGUSR1)
+    wait_until(lambda: len(lines()) > before, "kvmtagd logs its counts")
+    return dict(field.split("=", 1) for field in lines()[-1].split("stats:", 1)[1].split())
+
+
+def test_connection_limits_hold_when_threads_create_files_at_once(tmp_path: Path) -> None:
+    """--max-connections-per-process is checked and counted in one step, whichever
+    connection threads create VMs and vCPUs at the same moment."""
+    with running_kvmtagd(tmp_path, "--max-connections-per-process", "40") as (path, _):
+        kvm = client.open(socket=path)
+        vms = [client.ioctl(kvm, uapi.KVM_CREATE_VM, 0) for _ in range(12)]
+        made: list[list[int]] = [[] for _ in vms]
+        start = threading.Barrier(len(vms))
+
+        def create(i: int) -> None:
+            start.wait(TIMEOUT)
+            for vcpu_id in range(64):
+                try:
+                    made[i].append(client.ioctl(vms[i], uapi.KVM_CREATE_VCPU, vcpu_id))
+                except OSError as e:
+                    assert e.errno == errno.EMFILE, e
+                    return
+
+        threads = [threading.Thread(target=create, args=(i,)) for i in range(len(vms))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        try:
+            assert 1 + len(vms) + sum(map(len, made)) == 40
+        finally:
+            for fd in [fd for fds in made for fd in fds] + vms + [kvm]:
+                client.close(fd)

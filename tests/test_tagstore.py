@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -316,6 +317,7 @@ def test_writers_and_readers_race_while_tables_grow() -> None:
                     backing.read_packed(first, 512, memoryview(packed))
                     backing.find_mismatch(first, 0, 256, 1)
                     backing.is_tagged(first)
+                time.sleep(0.001)  # a sweep at a time: the writers need the GIL too
         except BaseException as e:
             errors.append(e)
 
