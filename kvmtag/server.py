@@ -58,7 +58,9 @@ _SMALL = {
 _VALUE_ARG = frozenset(
     request for request, spec in uapi.IOCTLS.items() if spec.arg in (uapi.Arg.INT, uapi.Arg.NONE)
 )  # requests whose argument is a value, never a pointer
-_RECV_SIZE = wire.MAX_MESSAGE  # a whole bulk frame in one receive when the socket has it
+# Per connection, for small frames (most are 32 bytes; a larger one takes a few receives);
+# bulk frames are received straight into their own buffer.
+RECEIVE_BUFFER = 16 * 1024
 _ANC_SIZE = socket.CMSG_SPACE(wire.MAX_FDS * 4)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: an IntFlag operation costs a call
 MAX_HELD_FDS = Limits.max_backing_fds  # backing-memory fds held per client process (default)
@@ -146,7 +148,7 @@ class Connection:
         self.window: mmap.mmap | None = None  # shared with the client, if it asked (VM only)
         # Small frames are received into this, then handed to the codec; bulk frames go
         # straight into their own buffer (Codec.receive_into).
-        self._rbuf = bytearray(65536)
+        self._rbuf = bytearray(RECEIVE_BUFFER)
 
     def next_event(self) -> wire.Event:
         while True:
