@@ -331,6 +331,7 @@ class Server:
         vm = target if isinstance(target, Vm) else target.vm if isinstance(target, Vcpu) else None
         if vm is not None:
             self._vm_connections[vm] = self._vm_connections.get(vm, 0) + 1
+        abandoned = False
         try:
             await trio.to_thread.run_sync(
                 self._serve_thread, sock, target, process, refusal,
@@ -338,7 +339,9 @@ class Server:
             )  # fmt: skip
         except trio.Cancelled:
             # The daemon is stopping past its timeout: unblock the thread's I/O; the thread
-            # closes the socket itself, so its number is never reused under it.
+            # closes the socket itself, so its number is never reused under it. It may still be
+            # inside a model call, so nothing it uses is released here: the process exits.
+            abandoned = True
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             raise
@@ -347,20 +350,25 @@ class Server:
                           process)  # fmt: skip
             sock.close()  # (a no-op if the thread got to close it)
         finally:
-            if vm is not None:
-                self._vm_connections[vm] -= 1
-                if not self._vm_connections[vm]:  # no fd refers to the VM any more
-                    del self._vm_connections[vm]
-                    self.quota.vm_released(vm)
-                    self._released = True
-            with self._lock:
-                self._connections[process] -= 1
-                self._total -= 1
-                gone = not self._connections[process]
-                if gone:
-                    del self._connections[process]
+            if not abandoned:
+                self._forget_connection(vm, process)
+
+    def _forget_connection(self, vm: Vm | None, process: Hashable) -> None:
+        """A connection closed: release what no connection refers to any more."""
+        if vm is not None:
+            self._vm_connections[vm] -= 1
+            if not self._vm_connections[vm]:  # no fd refers to the VM any more
+                del self._vm_connections[vm]
+                self.quota.vm_released(vm)
+                self._released = True
+        with self._lock:
+            self._connections[process] -= 1
+            self._total -= 1
+            gone = not self._connections[process]
             if gone:
-                self._release(process)
+                del self._connections[process]
+        if gone:
+            self._release(process)
 
     def _serve_thread(
         self, sock: socket.socket, target: KvmFile | Vm | Vcpu, process: Hashable, refusal: int

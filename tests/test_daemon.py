@@ -1047,3 +1047,23 @@ def test_connection_limits_hold_when_threads_create_files_at_once(tmp_path: Path
         finally:
             for fd in [fd for fds in made for fd in fds] + vms + [kvm]:
                 client.close(fd)
+
+
+def test_a_request_that_outlives_the_stop_timeout_is_abandoned(tmp_path: Path) -> None:
+    """A client that never answers its callback keeps its request in flight: SIGTERM waits
+    --stop-timeout for it, then kvmtagd exits 0 anyway, its socket removed; the client's
+    connection then ends (no hang on either side)."""
+    with running_kvmtagd(tmp_path, "--stop-timeout", "0.5") as (path, proc):
+        vmm = Vmm(path)
+        try:
+            with mid_request(vmm.vm, inline=True) as raw:  # waits for its READ's answer
+                t0 = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(TIMEOUT) == 0
+                assert time.monotonic() - t0 >= 0.5
+                assert not Path(path).exists()
+                raw.sock.settimeout(TIMEOUT)
+                raw.until_closed()  # the connection ends, unanswered (it asserts no REPLY)
+        finally:
+            vmm.close()
+    assert "requests still in flight" in (tmp_path / "kvmtagd.log").read_text()
