@@ -923,6 +923,7 @@ received = server.Connection.next_event
 def next_event(self):
     event = received(self)
     if isinstance(event, wire.Ioctl) and event.arg == 0x7777:
+        print("test: paused before counting", file=sys.stderr, flush=True)
         time.sleep(0.5)  # received, not yet counted as in flight
     return event
 server.Connection.next_event = next_event
@@ -946,7 +947,9 @@ def test_a_request_that_arrived_as_kvmtagd_stops_is_answered(tmp_path: Path) -> 
 
         asking = threading.Thread(target=ask)
         asking.start()
-        time.sleep(0.2)  # the request is in the daemon, inside the injected pause
+        log = tmp_path / "kvmtagd.log"
+        wait_until(lambda: "paused before counting" in log.read_text(),
+                   "the request is in the daemon, inside the injected pause")  # fmt: skip
         proc.send_signal(signal.SIGTERM)
         asking.join(TIMEOUT)
         assert result == [0]  # an unknown capability: 0, as the kernel answers

@@ -13,7 +13,17 @@ import time
 from collections.abc import Callable
 
 from kvmtag import client, procmem, uapi, wire
-from kvmtag.bench.core import Context, Figure, Settings, child, measure, mte_vm, summarise, timed
+from kvmtag.bench.core import (
+    Context,
+    Figure,
+    Settings,
+    child,
+    measure,
+    mte_vm,
+    receive_exactly,
+    summarise,
+    timed,
+)
 from kvmtag.uapi import LAYOUT
 
 
@@ -39,12 +49,7 @@ def run(settings: Settings, context: Context) -> list[Figure]:
         def receive() -> list[float]:
             start = time.perf_counter()
             ours.sendall(b"g")
-            got = 0
-            while got < size:
-                n = ours.recv_into(received[got:])
-                if not n:
-                    raise ConnectionError("the sender child is gone")
-                got += n
+            receive_exactly(ours, received)
             return [time.perf_counter() - start]
 
         vm = mte_vm(stack, kvm_socket, guest)

@@ -14,6 +14,7 @@ import mmap
 import multiprocessing
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -211,18 +212,39 @@ def mte_vm(stack: contextlib.ExitStack, kvm_socket: str, guest: int) -> int:
     Everything is closed when `stack` is."""
     kvm = client.open("/dev/kvm", socket=kvm_socket)
     stack.callback(client.close, kvm)
+    vm = new_mte_vm(stack, kvm)
+    region = LAYOUT["kvm_userspace_memory_region"].pack(0, 0, 0, guest, shared_ram(stack, guest))
+    client.ioctl(vm, uapi.KVM_SET_USER_MEMORY_REGION, region)
+    return vm
+
+
+def new_mte_vm(stack: contextlib.ExitStack, kvm: int) -> int:
+    """KVM_CREATE_VM on `kvm`, then KVM_ENABLE_CAP(KVM_CAP_ARM_MTE); closed with `stack`."""
     vm = client.ioctl(kvm, uapi.KVM_CREATE_VM, 0)
     stack.callback(client.close, vm)
     enable = LAYOUT["kvm_enable_cap"].pack(uapi.KVM_CAP_ARM_MTE, 0, 0, 0, 0, 0, bytes(64))
     client.ioctl(vm, uapi.KVM_ENABLE_CAP, enable)
+    return vm
+
+
+def shared_ram(stack: contextlib.ExitStack, size: int) -> int:
+    """The address of `size` bytes of a memfd mapped shared here (guest RAM whose fd the
+    client can find); unmapped and closed with `stack`."""
     memfd = os.memfd_create("kvmtag-bench-guest", os.MFD_CLOEXEC)
     stack.callback(os.close, memfd)
-    os.ftruncate(memfd, guest)
-    ram = stack.enter_context(mmap.mmap(memfd, guest, mmap.MAP_SHARED))
-    address = procmem.buffer_address(ram).address
-    region = LAYOUT["kvm_userspace_memory_region"].pack(0, 0, 0, guest, address)
-    client.ioctl(vm, uapi.KVM_SET_USER_MEMORY_REGION, region)
-    return vm
+    os.ftruncate(memfd, size)
+    ram = stack.enter_context(mmap.mmap(memfd, size, mmap.MAP_SHARED))
+    return procmem.buffer_address(ram).address
+
+
+def receive_exactly(sock: socket.socket, into: memoryview) -> None:
+    """Fill `into` from a blocking socket; ConnectionError if the peer leaves first."""
+    got = 0
+    while got < len(into):
+        n = sock.recv_into(into[got:])
+        if not n:
+            raise ConnectionError("the peer child is gone")
+        got += n
 
 
 class Context:

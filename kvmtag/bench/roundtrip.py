@@ -32,6 +32,7 @@ from kvmtag.bench.core import (
     child,
     measure,
     on_one_cpu,
+    receive_exactly,
     summarise,
 )
 
@@ -145,12 +146,7 @@ def _ping(sock: socket.socket, n: int) -> list[float]:
     for _ in range(n):
         start = time.perf_counter_ns()
         sock.sendall(ping)
-        got = 0
-        while got < MESSAGE:
-            k = sock.recv_into(pong[got:])
-            if not k:
-                raise ConnectionError("the echo child is gone")
-            got += k
+        receive_exactly(sock, pong)
         times.append(time.perf_counter_ns() - start)
     return [t / 1e9 for t in times]
 

@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import functools
 import mmap
-import os
 import random
 import socket
 import struct
@@ -46,6 +45,8 @@ from kvmtag.bench.core import (
     log,
     measure,
     mte_vm,
+    new_mte_vm,
+    shared_ram,
     summarise,
 )
 from kvmtag.memslots import Memslot, Memslots, segments_of
@@ -231,15 +232,8 @@ def _slotted_vm(stack: contextlib.ExitStack, kvm: int, count: int, page: int) ->
     """A VM with MTE and `count` memslots of one page: slot i at guest page 2i (a hole after
     each), backed by page i of one memfd mapped shared. Closed with `stack`."""
     log.info("scaling: creating a VM with %d memslots", count)
-    vm = client.ioctl(kvm, uapi.KVM_CREATE_VM, 0)
-    stack.callback(client.close, vm)
-    enable = LAYOUT["kvm_enable_cap"].pack(uapi.KVM_CAP_ARM_MTE, 0, 0, 0, 0, 0, bytes(64))
-    client.ioctl(vm, uapi.KVM_ENABLE_CAP, enable)
-    memfd = os.memfd_create("kvmtag-bench-slots", os.MFD_CLOEXEC)
-    stack.callback(os.close, memfd)
-    os.ftruncate(memfd, count * page)
-    ram = stack.enter_context(mmap.mmap(memfd, count * page, mmap.MAP_SHARED))
-    base = procmem.buffer_address(ram).address
+    vm = new_mte_vm(stack, kvm)
+    base = shared_ram(stack, count * page)
     region = LAYOUT["kvm_userspace_memory_region"]
     for i in range(count):
         arg = region.pack(i, 0, 2 * i * page, page, base + i * page)
