@@ -29,6 +29,7 @@ import logging
 import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, fields
+from typing import Any
 
 from kvmtag import copytags, uapi
 from kvmtag.host import Host, KvmFile
@@ -153,12 +154,10 @@ class Quota:
         return vm.ioctl(mm, uapi.KVM_CREATE_VCPU, vcpu_id)
 
     def _set_user_memory_region(self, vm: Vm, mm: UserMemory, arg: int) -> int:
-        layout = uapi.LAYOUT["kvm_userspace_memory_region"]
-        data = bytes(mm.copy_from_user(arg, layout.size))
-        if len(data) != layout.size:
+        read = _pin_struct(mm, arg, "kvm_userspace_memory_region")
+        if read is None:
             return -errno.EFAULT
-        pinned = _Pinned(mm, arg, data)
-        slot, flags, gpa, size, uaddr = layout.unpack(data)
+        pinned, (slot, flags, gpa, size, uaddr) = read
         created = _creates_memslot(vm, slot, flags, gpa, size, uaddr)
         slot_id = slot & 0xFFFF
         old = vm.memslots.get(slot_id)
@@ -196,12 +195,10 @@ class Quota:
         return result
 
     def _copy_tags(self, vm: Vm, mm: UserMemory, arg: int) -> int:
-        layout = uapi.LAYOUT["kvm_arm_copy_mte_tags"]
-        data = bytes(mm.copy_from_user(arg, layout.size))
-        if len(data) != layout.size:
+        read = _pin_struct(mm, arg, "kvm_arm_copy_mte_tags")
+        if read is None:
             return -errno.EFAULT
-        pinned = _Pinned(mm, arg, data)
-        ipa, length, addr, flags, r0, r1 = layout.unpack(data)
+        pinned, (ipa, length, addr, flags, r0, r1) = read
         args = copytags.CopyTagsArgs(ipa, length, addr, flags, (r0, r1))
         # Only a TO_GUEST copy the kernel would carry out can allocate tag storage.
         if (
@@ -299,6 +296,16 @@ def _creates_memslot(vm: Vm, slot: int, flags: int, gpa: int, size: int, uaddr: 
     if vm.memslots.overlaps(slot_id, base_gfn, base_gfn + npages):
         return False
     return base_gfn + npages <= 1 << (vm.ipa_bits - config.page_shift)
+
+
+def _pin_struct(mm: UserMemory, arg: int, name: str) -> tuple[_Pinned, tuple[Any, ...]] | None:
+    """The struct `name` at arg, read once (None: it faults) and its fields; the caller's
+    memory with that copy pinned, so the model sees what the limit checked."""
+    layout = uapi.LAYOUT[name]
+    data = bytes(mm.copy_from_user(arg, layout.size))
+    if len(data) != layout.size:
+        return None
+    return _Pinned(mm, arg, data), layout.unpack(data)
 
 
 class _Pinned:
